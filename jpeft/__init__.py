@@ -1,0 +1,39 @@
+"""jpeft: parameter-efficient fine-tuning as pure functions over JAX/Flax parameter pytrees.
+
+    adapted = jpeft.apply(params, "rhoft", key=jax.random.key(0), r_u=16, r_v=16, k=1024)
+    trainable, frozen = jpeft.partition(adapted)
+    merged = jpeft.materialize(adapted)
+    jpeft.count_params(adapted)
+"""
+
+from jpeft.core import (
+    DEFAULT_TARGETS,
+    apply,
+    combine,
+    count_params,
+    linear,
+    match_targets,
+    materialize,
+    methods,
+    partition,
+    register,
+)
+from jpeft.methods.base import Method
+from jpeft.node import Node, is_node
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "Method",
+    "Node",
+    "apply",
+    "combine",
+    "count_params",
+    "is_node",
+    "linear",
+    "match_targets",
+    "materialize",
+    "methods",
+    "partition",
+    "register",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,16 @@
+"""One module per method; each exposes ``METHOD``, a :class:`jpeft.methods.base.Method`."""
+
+from jpeft.methods import boft, dora, lokr, lora, oft, rhoft, shoft
+from jpeft.methods.base import Method
+
+BUILTIN = {
+    "lora": lora.METHOD,
+    "dora": dora.METHOD,
+    "lokr": lokr.METHOD,
+    "oft": oft.METHOD,
+    "boft": boft.METHOD,
+    "shoft": shoft.METHOD,
+    "rhoft": rhoft.METHOD,
+}
+
+__all__ = ["BUILTIN", "Method"]

@@ -1,0 +1,96 @@
+"""What every method module provides, and the validation helpers they share.
+
+A method is a :class:`Method` record of plain functions (the optax style): a frozen
+config dataclass that validates its hyper-parameters, ``init`` that builds the trainable
+and frozen arrays from the original kernel, ``materialize`` that rebuilds the full
+weight, ``factored`` that applies the adapted layer to activations without forming the
+weight, and ``flops``, the cost model that picks between the two (DESIGN.md §4).
+
+Orientation: a Flax kernel ``K`` is (in, out) and computes ``y = x @ K``; the thesis
+writes the weight as ``M = Kᵀ`` (out × in), so its left factors act on outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jpeft.node import Node
+
+Array = jax.Array
+
+
+class Method(NamedTuple):
+    """A PEFT method as pure functions.
+
+    Attributes:
+      config: frozen dataclass of hyper-parameters; its ``__post_init__`` rejects bad
+        values and its ``check(shape)`` rejects values that do not fit a kernel shape.
+      init: ``(key, kernel, config) -> (trainable, frozen)`` dicts of arrays.
+      materialize: ``node -> W'`` (in, out) in float32.
+      factored: ``(x, node, dropout_key | None) -> x @ W'`` without forming ``W'``.
+      flops: ``(node, tokens) -> (factored, materialized)`` estimated FLOP of one
+        training step (forward + backward) of the layer on ``tokens`` rows.
+    """
+
+    config: type
+    init: Callable[[Array, Array, Any], tuple[dict, dict]]
+    materialize: Callable[[Node], Array]
+    factored: Callable[[Array, Node, Array | None], Array]
+    flops: Callable[[Node, int], tuple[float, float]]
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def non_negative_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+def positive_float(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def probability(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
+def dropout(x: Array, rate: float, key: Array | None) -> Array:
+    """Inverted dropout on ``x``; the identity without a key (evaluation) or at rate 0."""
+    if key is None or rate == 0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def dense_step_flops(node: Node, tokens: int) -> float:
+    """FLOP of ``x @ W`` in a training step when ``W`` itself needs a gradient.
+
+    Forward ``x W``, backward ``dy Wᵀ`` and the weight gradient ``xᵀ dy``: 3 × 2·T·n·m.
+    """
+    n, m = node.shape
+    return 6.0 * tokens * n * m
+
+
+def frozen_step_flops(node: Node, tokens: int) -> float:
+    """FLOP of ``x @ W`` with a frozen ``W``: forward and backward to activations only."""
+    n, m = node.shape
+    return 4.0 * tokens * n * m
+
+
+def kaiming_uniform(key: Array, shape: tuple[int, ...], fan_in: int) -> Array:
+    """PyTorch's ``kaiming_uniform_(a=sqrt(5))``: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / fan_in**0.5
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)

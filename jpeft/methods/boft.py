@@ -1,0 +1,100 @@
+"""BOFT: orthogonal fine-tuning by butterfly factorization (Liu et al., ICLR 2024; thesis §5.3).
+
+The rotation is a product of ``n_butterfly`` sparse orthogonal factors, each a permuted
+block-diagonal Cayley matrix ``B_i = P_i diag(R_{i,1}, …) P_iᵀ`` with the Cooley–Tukey
+block-butterfly permutations ``P_i`` (the first one the identity), so that after
+``log2(in / b)`` factors every input reaches every output with ``O(in·b·log)`` parameters.
+
+Exactly HF PEFT's BOFT (it rotates inputs and scales outputs): thesis notation
+``M' = diag(s) M (B_{f-1} ⋯ B_0)ᵀ``; on the Flax kernel ``K``, ``K' = (B_{f-1} ⋯ B_0) K diag(s)``
+with ``y = ((x B_{f-1} ⋯ B_0) K) ⊙ s``. Each block is stored, like PEFT's ``boft_R``, as a
+full b × b matrix ``A`` whose skew part gives ``Q = (Aᵀ - A)/2`` and ``R = cayley(Q)``;
+``A = 0`` and ``s = 1`` at init. Parameter counts and values therefore match PEFT
+(``boft_R = blocks``, ``boft_s = s``); half of each ``A`` (its symmetric part) has zero
+gradient.
+
+Paths: factored applies the ``f`` factors to activations by gathers and batched b × b
+matmuls, ``O(T·in·b·f)``, and the base kernel gets no weight gradient; materializing pays
+the dense ``6·T·in·out``. Factored is chosen whenever ``b·f < out``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft import linalg
+from jpeft.methods import base
+from jpeft.node import Node
+
+
+@dataclasses.dataclass(frozen=True)
+class BoftConfig:
+    """block_size: b, the size of each orthogonal block (even when n_butterfly > 1);
+    n_butterfly: the number of butterfly factors (1 is block-diagonal OFT on the inputs)."""
+
+    block_size: int = 8
+    n_butterfly: int = 1
+
+    def __post_init__(self):
+        base.positive_int("block_size", self.block_size)
+        base.positive_int("n_butterfly", self.n_butterfly)
+
+    def check(self, shape):
+        dim, b, f = shape[0], self.block_size, self.n_butterfly
+        base.require(dim % b == 0, f"block_size={b} does not divide the input dimension {dim} of a {shape} kernel")
+        if f > 1:
+            span = b * 2 ** (f - 1)
+            base.require(b % 2 == 0, f"block_size={b} must be even when n_butterfly={f} > 1")
+            base.require(
+                dim % span == 0,
+                f"n_butterfly={f} with block_size={b} needs the input dimension {dim} of a {shape} kernel "
+                f"to be a multiple of block_size * 2**(n_butterfly - 1) = {span}",
+            )
+
+    def permutations(self, dim: int) -> list[np.ndarray]:
+        """The index vectors of ``P_0 … P_{f-1}``."""
+        num, b, f = dim // self.block_size, self.block_size, self.n_butterfly
+        return [linalg.butterfly_permutation(dim, num // 2**i, b // 2, enabled=f > 1) for i in range(f)]
+
+
+def init(key, kernel, config: BoftConfig):
+    n, m = kernel.shape
+    b = config.block_size
+    trainable = {
+        "blocks": jnp.zeros((config.n_butterfly, n // b, b, b), jnp.float32),
+        "scale": jnp.ones((m,), jnp.float32),
+    }
+    return trainable, {"kernel": kernel}
+
+
+def rotate_inputs(x, node: Node):
+    """``x @ B_{f-1} ⋯ B_0`` applied factor by factor (``x @ P = x[..., argsort(perm)]``)."""
+    a = node.trainable["blocks"]
+    rotations = linalg.cayley((jnp.swapaxes(a, -1, -2) - a) / 2).astype(x.dtype)
+    for i, perm in reversed(list(enumerate(node.config.permutations(node.shape[0])))):
+        x = linalg.apply_block_diag(x[..., np.argsort(perm)], rotations[i])[..., perm]
+    return x
+
+
+def materialize(node: Node):
+    rotation = rotate_inputs(jnp.eye(node.shape[0], dtype=jnp.float32), node)
+    return (rotation @ node.frozen["kernel"].astype(jnp.float32)) * node.trainable["scale"]
+
+
+def factored(x, node: Node, dropout_key=None):
+    y = rotate_inputs(x, node) @ node.frozen["kernel"].astype(x.dtype)
+    return y * node.trainable["scale"].astype(x.dtype)
+
+
+def flops(node: Node, tokens: int):
+    n, m = node.shape
+    f, b = node.config.n_butterfly, node.config.block_size
+    rotate = 3 * 2.0 * tokens * n * b * f
+    build = 3 * 2.0 * n * n * b * f + 3 * 2.0 * n * n * m
+    return base.frozen_step_flops(node, tokens) + rotate + 4.0 * tokens * m, base.dense_step_flops(node, tokens) + build
+
+
+METHOD = base.Method(BoftConfig, init, materialize, factored, flops)
