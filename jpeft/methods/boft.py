@@ -70,18 +70,26 @@ def init(key, kernel, config: BoftConfig):
     return trainable, {"kernel": kernel}
 
 
-def rotate_inputs(x, node: Node):
-    """``x @ B_{f-1} ⋯ B_0`` applied factor by factor (``x @ P = x[..., argsort(perm)]``)."""
+def rotate_inputs(x, node: Node, *, transpose: bool = False):
+    """``x @ B`` with ``B = B_{f-1} ⋯ B_0`` (or ``x @ Bᵀ``), factor by factor.
+
+    ``x @ P = x[..., argsort(perm)]`` and ``x @ Pᵀ = x[..., perm]``; the block rotations
+    are applied by batched b × b matmuls, never as dense in × in matrices.
+    """
     a = node.trainable["blocks"]
     rotations = linalg.cayley((jnp.swapaxes(a, -1, -2) - a) / 2).astype(x.dtype)
-    for i, perm in reversed(list(enumerate(node.config.permutations(node.shape[0])))):
+    if transpose:
+        rotations = jnp.swapaxes(rotations, -1, -2)
+    factors = list(enumerate(node.config.permutations(node.shape[0])))
+    for i, perm in factors if transpose else reversed(factors):
         x = linalg.apply_block_diag(x[..., np.argsort(perm)], rotations[i])[..., perm]
     return x
 
 
 def materialize(node: Node):
-    rotation = rotate_inputs(jnp.eye(node.shape[0], dtype=jnp.float32), node)
-    return (rotation @ node.frozen["kernel"].astype(jnp.float32)) * node.trainable["scale"]
+    """``K' = B K diag(s)``, computed as ``(Kᵀ Bᵀ)ᵀ`` in O(in·out·b·f)."""
+    kernel = node.frozen["kernel"].astype(jnp.float32)
+    return rotate_inputs(kernel.T, node, transpose=True).T * node.trainable["scale"]
 
 
 def factored(x, node: Node, dropout_key=None):
@@ -93,7 +101,7 @@ def flops(node: Node, tokens: int):
     n, m = node.shape
     f, b = node.config.n_butterfly, node.config.block_size
     rotate = 3 * 2.0 * tokens * n * b * f
-    build = 3 * 2.0 * n * n * b * f + 3 * 2.0 * n * n * m
+    build = 3 * 2.0 * n * m * b * f
     return base.frozen_step_flops(node, tokens) + rotate + 4.0 * tokens * m, base.dense_step_flops(node, tokens) + build
 
 
