@@ -1,0 +1,63 @@
+"""Parameter-count tables computed from shapes only (no weights are allocated)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import jax
+
+from jpeft import core
+
+PyTree = Any
+
+
+def count_table(
+    abstract_params: PyTree,
+    methods: Iterable[str],
+    *,
+    targets=None,
+    hparams: dict[str, dict] | None = None,
+) -> list[dict]:
+    """One row per method: trainable, frozen and total counts of ``apply`` on shapes.
+
+    ``abstract_params`` is a tree of ``jax.ShapeDtypeStruct`` (e.g. from
+    ``jax.eval_shape``); each method runs under ``jax.eval_shape`` so nothing is allocated.
+    ``hparams[method]`` overrides the method's defaults (the thesis' settings).
+    """
+    hparams = hparams or {}
+    base_total = sum(x.size for x in jax.tree_util.tree_leaves(abstract_params))
+    rows = [{"method": "full fine-tuning", "hparams": "", "trainable": base_total, "frozen": 0, "total": base_total}]
+    for method in methods:
+        hp = hparams.get(method, {})
+        adapted = jax.eval_shape(
+            lambda p, hp=hp, method=method: core.apply(p, method, key=jax.random.key(0), targets=targets, **hp), abstract_params
+        )
+        counts = core.count_params(adapted)
+        config = core.make_config(method, **hp)
+        rows.append(
+            {
+                "method": method,
+                "hparams": ", ".join(f"{k}={v}" for k, v in vars(config).items()),
+                "trainable": counts["trainable"],
+                "frozen": counts["frozen"],
+                "total": counts["total"],
+                "targets": len(counts["targets"]),
+            }
+        )
+    for row in rows:
+        row["trainable_pct"] = 100.0 * row["trainable"] / base_total
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """A markdown table of :func:`count_table` rows."""
+    lines = [
+        "| method | hyper-parameters | trainable | % of base | frozen | total |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['hparams']} | {r['trainable']:,} | {r['trainable_pct']:.3f} | {r['frozen']:,} | {r['total']:,} |"
+        )
+    return "\n".join(lines)
+
