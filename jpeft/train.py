@@ -11,6 +11,7 @@ devices, parameters are replicated, and XLA inserts the gradient all-reduce.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -183,3 +184,104 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
     """Copy every array of ``tree`` to every device of ``mesh``."""
     return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+# ----------------------------------------------------------------------- the loop
+
+
+def fit(
+    model,
+    adapted: PyTree,
+    encoded,
+    config: TrainConfig,
+    run_dir: str,
+    *,
+    max_steps: int | None = None,
+    stop_at: int | None = None,
+    checkpoint_every: int = 100,
+    log_every: int = 10,
+    mesh: Mesh | None = None,
+    progress: bool = True,
+) -> tuple[PyTree, list[dict]]:
+    """Train ``adapted`` on ``encoded`` pairs (from :func:`jpeft.data.encode_pairs`).
+
+    Resumes from the latest checkpoint in ``run_dir/checkpoints`` if there is one; the
+    schedule covers ``max_steps`` (default ``epochs × steps_per_epoch``) and the data
+    stream is positioned by (epoch, batch), so a resumed run continues the exact
+    trajectory. ``stop_at`` ends the run early (after checkpointing) at that step. A
+    crash or Ctrl-C checkpoints the last completed step before re-raising. Logs go to
+    ``run_dir/log.jsonl``; the final adapter to ``run_dir/adapter``.
+    Returns the trained adapted tree and the logged records.
+    """
+    import json
+    import time
+
+    from tqdm.auto import tqdm
+
+    from jpeft import checkpoint, data
+
+    os.makedirs(run_dir, exist_ok=True)
+    per_epoch = data.steps_per_epoch(len(encoded), config.batch_size, drop_last=True)
+    if per_epoch == 0:
+        raise ValueError(f"{len(encoded)} training sequences do not fill one batch of {config.batch_size}")
+    total = max_steps or config.epochs * per_epoch
+    mesh = mesh or data_mesh()
+    trainable, frozen = core.partition(adapted)
+    frozen = replicate(frozen, mesh)
+    tx = optimizer(config, total)
+    state = init_state(replicate(trainable, mesh), tx, config.seed)
+    saver = checkpoint.Checkpointer(os.path.join(run_dir, "checkpoints"))
+    if saver.latest_step() is not None:
+        state, _ = saver.restore(state)
+        state = replicate(state, mesh)
+    step_fn = make_train_step(lm_loss_fn(model), tx, config.grad_accum)
+    end = min(total, stop_at) if stop_at is not None else total
+    start = int(state.step)
+    records: list[dict] = []
+    bar = tqdm(total=end, initial=start, disable=not progress, desc="train", unit="step")
+    log = open(os.path.join(run_dir, "log.jsonl"), "a")
+
+    def save(step_state):
+        saver.save(int(step_state.step), step_state, {"step": int(step_state.step), "total_steps": total})
+
+    step, stream, tokens, clock = start, None, 0.0, time.perf_counter()
+    try:
+        while step < end:
+            epoch, position = divmod(step, per_epoch)
+            if stream is None or position == 0:
+                stream = data.batches(encoded, batch_size=config.batch_size, seed=config.seed, epoch=epoch, start=position)
+            host_batch = next(stream)
+            tokens += float(host_batch["attention_mask"].sum())
+            batch = shard_batch(host_batch, mesh)
+            state, metrics = step_fn(state, frozen, batch)
+            step += 1
+            bar.update(1)
+            if step % log_every == 0 or step == end:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                record = {"step": step, "epoch": epoch, **metrics, "lr": float(schedule(config, total)(step - 1)),
+                          "tokens_per_s": tokens / max(now - clock, 1e-9)}
+                tokens, clock = 0.0, now
+                records.append(record)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if step % checkpoint_every == 0 or step == end:
+                save(state)
+    except BaseException:
+        # Keep what was trained: checkpoint the last completed step (unless the failure
+        # happened inside the step, whose donated input is then gone).
+        try:
+            if int(state.step) > (saver.latest_step() or 0):
+                save(state)
+        except Exception as e:  # noqa: BLE001 - the original error matters more
+            print(f"jpeft: could not checkpoint after the failure: {e}")
+        raise
+    finally:
+        bar.close()
+        log.close()
+        saver.close()
+    trained = core.combine(jax.device_get(state.trainable), jax.device_get(frozen))
+    if step == total:
+        checkpoint.save_adapter(os.path.join(run_dir, "adapter"), trained)
+    return trained, records
