@@ -78,6 +78,21 @@ def cmd_demo(args) -> None:
     cmd_count(args)
 
 
+def cmd_bench(args) -> None:
+    from jpeft import bench
+
+    cfg = bench.BenchConfig(
+        model=args.model, batch=args.batch, seq_len=args.seq_len, methods=tuple(args.methods),
+        targets=tuple(args.targets) if args.targets else None, compute_dtype=args.dtype,
+        param_dtype=args.param_dtype, warmup=args.warmup, steps=args.steps, hparams=parse_hparams(args.set),
+    )
+    print(f"Benchmarking {len(cfg.methods)} method(s) on {cfg.model}, batch {cfg.batch} x {cfg.seq_len}:")
+    results = bench.run(cfg, peft=args.peft)
+    paths = bench.write_outputs(results, cfg, args.out)
+    print(open(paths["md"]).read())
+    print("wrote " + ", ".join(paths.values()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jpeft", description="Parameter-efficient fine-tuning in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
     count.add_argument("--set", action="append", default=[], metavar="METHOD.NAME=VALUE", help="override a hyper-parameter")
     count.add_argument("--json", action="store_true", help="print JSON instead of a table")
     count.set_defaults(func=cmd_count)
+
+    bench = sub.add_parser("bench", help="time training steps of each method (and HF PEFT with --peft)")
+    bench.add_argument("--model", default="tiny", help="tiny, or phi-1.5 (random weights, real shapes)")
+    bench.add_argument("--batch", type=int, default=16)
+    bench.add_argument("--seq-len", type=int, default=256)
+    bench.add_argument("--methods", nargs="+", default=list(THESIS_METHODS))
+    bench.add_argument("--targets", nargs="+", default=None)
+    bench.add_argument("--dtype", default="bfloat16", help="compute dtype")
+    bench.add_argument("--param-dtype", default="bfloat16", help="dtype of the frozen base weights")
+    bench.add_argument("--warmup", type=int, default=3)
+    bench.add_argument("--steps", type=int, default=10)
+    bench.add_argument("--set", action="append", default=[], metavar="METHOD.NAME=VALUE")
+    bench.add_argument("--peft", action="store_true", help="also time HF PEFT (torch), eager and torch.compile")
+    bench.add_argument("--out", default="runs/bench", help="output directory for JSON, markdown and PNG")
+    bench.set_defaults(func=cmd_bench)
 
     demo = sub.add_parser("demo", help="adapt a tiny Phi with every method and print the Phi-1.5 count table")
     demo.set_defaults(func=cmd_demo)
