@@ -1,0 +1,1 @@
+"""Flax models that consume jpeft nodes: :mod:`jpeft.models.phi` (Phi-1.5)."""
