@@ -119,7 +119,10 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool = True) -> Array:
-        kernel = self.param("kernel", nn.initializers.normal(self.init_std), (x.shape[-1], self.features), self.param_dtype)
+        if self.has_variable("params", "kernel"):  # may be a jpeft node: skip flax's shape check
+            kernel = self.get_variable("params", "kernel")
+        else:
+            kernel = self.param("kernel", nn.initializers.normal(self.init_std), (x.shape[-1], self.features), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         wants_dropout = is_node(kernel) and getattr(kernel.config, "dropout", 0) > 0
         key = self.make_rng("dropout") if wants_dropout and not deterministic else None
