@@ -93,6 +93,64 @@ def cmd_bench(args) -> None:
     print("wrote " + ", ".join(paths.values()))
 
 
+def _run_config(args):
+    from jpeft import pipeline, train
+
+    tcfg = train.TrainConfig(
+        learning_rate=args.lr, warmup_steps=args.warmup_steps, epochs=args.epochs, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, max_length=args.max_length, compute_dtype=args.dtype, seed=args.seed,
+    )
+    hparams = parse_hparams([f"{args.method}.{s}" for s in args.set]).get(args.method, {})
+    return pipeline.RunConfig(
+        model=args.model, method=args.method, hparams=hparams, targets=tuple(args.targets) if args.targets else None,
+        tasks=pipeline.parse_tasks(args.tasks), data_dir=args.data_dir, instructions=getattr(args, "instructions", None),
+        tokenizer=args.tokenizer, eval_split=args.split, limit=args.limit, seed=args.seed, train=tcfg,
+    )
+
+
+def cmd_train(args) -> None:
+    from jpeft import pipeline
+
+    cfg = _run_config(args)
+    run_dir = args.run_dir or pipeline.default_run_dir(cfg)
+    print(f"run directory: {run_dir}")
+    summary = pipeline.finetune(cfg, run_dir, max_steps=args.steps, stop_at=args.stop_at,
+                                checkpoint_every=args.checkpoint_every, log_every=args.log_every, merged_out=args.merged_out)
+    print(f"trainable parameters: {summary['trainable']:,}; final loss: {summary['final_loss']}")
+    for task, r in summary.get("results", {}).items():
+        print(f"  {task:14s} accuracy {r['accuracy']:.3f}  length-normalized {r['accuracy_norm']:.3f}  (n={r['n']})")
+
+
+def cmd_eval(args) -> None:
+    from jpeft import pipeline
+
+    cfg = _run_config(args)
+    results = pipeline.zero_shot(cfg, args.run_dir, adapter=args.adapter)
+    for task, r in results.items():
+        print(f"  {task:14s} accuracy {r['accuracy']:.3f}  length-normalized {r['accuracy_norm']:.3f}  (n={r['n']})")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="tiny / phi-1.5 (random weights) or a Hugging Face checkpoint dir or hub id")
+    p.add_argument("--method", default="lora")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="method hyper-parameter, e.g. r=8")
+    p.add_argument("--targets", nargs="+", default=None, help="target regexes (default: Q/K/V)")
+    p.add_argument("--tasks", nargs="+", default=["piqa"], help="task names or 'all'")
+    p.add_argument("--data-dir", default=None, help="{task}/{split}.jsonl|json|parquet in HF schemas (default: bundled samples)")
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--split", default="validation", help="evaluation split")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many records per file")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--dtype", default="bfloat16", help="compute dtype (frozen weights are stored in it too)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run-dir", default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jpeft", description="Parameter-efficient fine-tuning in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
     count.add_argument("--set", action="append", default=[], metavar="METHOD.NAME=VALUE", help="override a hyper-parameter")
     count.add_argument("--json", action="store_true", help="print JSON instead of a table")
     count.set_defaults(func=cmd_count)
+
+    tr = sub.add_parser("train", help="fine-tune with a method, then evaluate (resumes from the run directory)")
+    _add_run_options(tr)
+    tr.add_argument("--instructions", default=None, help="train on an LLM-Adapters json file instead of the tasks' train splits")
+    tr.add_argument("--steps", type=int, default=None, help="total steps (default: epochs x steps per epoch)")
+    tr.add_argument("--stop-at", type=int, default=None, help="checkpoint and stop at this step (resume later)")
+    tr.add_argument("--checkpoint-every", type=int, default=100)
+    tr.add_argument("--log-every", type=int, default=10)
+    tr.add_argument("--merged-out", default=None, help="also write the merged model in Hugging Face format here")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="multiple-choice accuracy of a model (zero-shot) or model + adapter")
+    _add_run_options(ev)
+    ev.add_argument("--adapter", default=None, help="an adapter directory written by jpeft train")
+    ev.set_defaults(func=cmd_eval)
 
     bench = sub.add_parser("bench", help="time training steps of each method (and HF PEFT with --peft)")
     bench.add_argument("--model", default="tiny", help="tiny, or phi-1.5 (random weights, real shapes)")

@@ -1,1 +1,5 @@
-"""Flax models that consume jpeft nodes: :mod:`jpeft.models.phi` (Phi-1.5)."""
+"""Model ports whose linear layers accept jpeft nodes (see :func:`jpeft.linear`)."""
+
+from jpeft.models import phi
+
+__all__ = ["phi"]

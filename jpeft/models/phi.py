@@ -295,7 +295,8 @@ def init_cache(model: PhiForCausalLM, batch: int, length: int) -> dict:
             "mask": jnp.zeros((batch, length), bool), "index": jnp.zeros((), jnp.int32)}
 
 
-def _as_config(cfg) -> PhiConfig:
+def load_config(cfg) -> PhiConfig:
+    """A ``PhiConfig`` from itself, a dict, a config.json path or a checkpoint directory."""
     if isinstance(cfg, PhiConfig):
         return cfg
     if isinstance(cfg, dict):
@@ -307,7 +308,7 @@ def _as_config(cfg) -> PhiConfig:
 
 def make_model(cfg, dtype=jnp.float32, param_dtype=None) -> PhiForCausalLM:
     """The Flax module for a ``PhiConfig``, a config dict or a config.json path."""
-    return PhiForCausalLM(Spec.from_config(_as_config(cfg)), dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype or dtype))
+    return PhiForCausalLM(Spec.from_config(load_config(cfg)), dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype or dtype))
 
 
 def init(cfg, key: Array, dtype=jnp.float32, param_dtype=None) -> tuple[PhiForCausalLM, PyTree]:
@@ -399,7 +400,7 @@ def save_pretrained(params: PyTree, cfg, path: str) -> None:
     if nodes:
         raise ValueError(f"params still hold jpeft nodes at {['/'.join(p) for p in nodes[:5]]}; call jpeft.materialize(params) first")
     os.makedirs(path, exist_ok=True)
-    _as_config(cfg).save_pretrained(path)
+    load_config(cfg).save_pretrained(path)
     tensors = {}
     for p, leaf in flat.items():
         name, transposed = _hf_name(p)

@@ -1,0 +1,153 @@
+"""End-to-end runs used by the CLI and ``experiments/``: load, adapt, train, evaluate, export.
+
+A run directory holds ``run.json`` (the full configuration), ``log.jsonl``,
+``checkpoints/``, ``adapter/`` (adapter-only export), ``results/{task}.json`` and, on
+request, ``merged/`` (the merged model in Hugging Face format).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jpeft import checkpoint, core, data, eval as evaluation, train
+from jpeft.models import phi
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """What to fine-tune, on what, with what. ``model`` is a named configuration
+    (``tiny``, ``phi-1.5``: random weights) or a Hugging Face checkpoint directory/hub id."""
+
+    model: str = "tiny"
+    method: str = "lora"
+    hparams: dict = dataclasses.field(default_factory=dict)
+    targets: tuple[str, ...] | None = None
+    tasks: tuple[str, ...] = ("piqa",)
+    data_dir: str | None = None  # {task}/{split}.jsonl|json|parquet; None: bundled samples (or the hub)
+    instructions: str | None = None  # an LLM-Adapters json file to train on instead of the tasks' train splits
+    tokenizer: str | None = None  # None: the checkpoint's tokenizer, or the bundled one for named configs
+    eval_split: str = "validation"
+    limit: int | None = None
+    seed: int = 0
+    train: train.TrainConfig = dataclasses.field(default_factory=train.TrainConfig)
+
+
+def load_model(name_or_path: str, dtype, param_dtype=None, seed: int = 0):
+    """``(model, params, hf_config)`` from a named configuration or a checkpoint."""
+    if name_or_path in phi.NAMED_CONFIGS:
+        cfg = phi.config(name_or_path)
+        model, params = phi.init(cfg, jax.random.key(seed), dtype=dtype, param_dtype=param_dtype)
+        return model, params, cfg
+    directory = name_or_path
+    if not os.path.isdir(directory):
+        from huggingface_hub import snapshot_download
+
+        directory = snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt"])
+    model, params = phi.from_pretrained(directory, dtype=dtype, param_dtype=param_dtype)
+    return model, params, phi.load_config(directory)
+
+
+def load_tokenizer(cfg: RunConfig):
+    if cfg.tokenizer is None and cfg.model in phi.NAMED_CONFIGS:
+        return data.default_tokenizer()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def task_file(cfg: RunConfig, task: str, split: str):
+    """The local file of a task split: ``data_dir/{task}/{split}.*``, the bundled sample, or None (hub)."""
+    if cfg.data_dir is None:
+        path = data.sample_path(task, split)
+        return path if path.exists() else None
+    for ext in ("jsonl", "json", "parquet"):
+        path = os.path.join(cfg.data_dir, task, f"{split}.{ext}")
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(f"no {split} file for {task} in {cfg.data_dir} (expected {task}/{split}.jsonl|json|parquet)")
+
+
+def load_examples(cfg: RunConfig, task: str, split: str) -> list[data.Example]:
+    return data.load_task(task, split, path=task_file(cfg, task, split), limit=cfg.limit)
+
+
+def training_pairs(cfg: RunConfig) -> list[tuple[str, str]]:
+    if cfg.instructions:
+        return data.load_instructions(cfg.instructions, limit=cfg.limit)
+    return [pair for task in cfg.tasks for pair in data.training_pairs(load_examples(cfg, task, "train"))]
+
+
+def default_run_dir(cfg: RunConfig, root: str = "runs") -> str:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.join(root, f"{stamp}-{cfg.method}-{'+'.join(cfg.tasks)}")
+
+
+def evaluate_tasks(cfg: RunConfig, model, params, tokenizer, run_dir: str | None, **info) -> dict[str, dict]:
+    """Accuracy per task on ``cfg.eval_split``; writes ``run_dir/results/{task}.json``."""
+    score_fn = evaluation.make_score_fn(model)
+    summary = {}
+    for task in cfg.tasks:
+        examples = load_examples(cfg, task, cfg.eval_split)
+        result = evaluation.evaluate(model, params, examples, tokenizer, batch_size=cfg.train.batch_size,
+                                     max_length=cfg.train.max_length, score_fn=score_fn)
+        if run_dir:
+            evaluation.write_results(os.path.join(run_dir, "results", f"{task}.json"), task, result,
+                                     split=cfg.eval_split, model=cfg.model, **info)
+        summary[task] = {k: result[k] for k in ("accuracy", "accuracy_norm", "n")}
+    return summary
+
+
+def to_jsonable(cfg: RunConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def finetune(cfg: RunConfig, run_dir: str, *, max_steps=None, stop_at=None, checkpoint_every=100, log_every=10,
+             progress=True, merged_out: str | None = None) -> dict:
+    """Adapt, train (resuming if ``run_dir`` has checkpoints), evaluate; returns the summary."""
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "run.json"), "w") as f:
+        json.dump(to_jsonable(cfg), f, indent=2)
+    dtype = jnp.dtype(cfg.train.compute_dtype)
+    model, params, hf_config = load_model(cfg.model, dtype, dtype, cfg.seed)
+    tokenizer = load_tokenizer(cfg)
+    adapted = core.apply(params, cfg.method, key=jax.random.key(cfg.seed), targets=list(cfg.targets) if cfg.targets else None,
+                         **cfg.hparams)
+    encoded = data.encode_pairs(training_pairs(cfg), tokenizer, cfg.train.max_length)
+    trained, records = train.fit(model, adapted, encoded, cfg.train, run_dir, max_steps=max_steps, stop_at=stop_at,
+                                 checkpoint_every=checkpoint_every, log_every=log_every, progress=progress)
+    summary = {"run_dir": run_dir, "trainable": core.count_params(adapted)["trainable"],
+               "log": records, "final_loss": records[-1]["loss"] if records else None}
+    if stop_at is None:
+        summary["results"] = evaluate_tasks(cfg, model, trained, tokenizer, run_dir, method=cfg.method)
+    if merged_out:
+        phi.save_pretrained(core.materialize(trained), hf_config, merged_out)
+    return summary
+
+
+def zero_shot(cfg: RunConfig, run_dir: str | None = None, adapter: str | None = None) -> dict[str, dict]:
+    """Evaluate the base model (or base + a saved adapter) on ``cfg.tasks``."""
+    dtype = jnp.dtype(cfg.train.compute_dtype)
+    model, params, _ = load_model(cfg.model, dtype, dtype, cfg.seed)
+    if adapter:
+        params = checkpoint.load_adapter(adapter, params)
+    return evaluate_tasks(cfg, model, params, load_tokenizer(cfg), run_dir, adapter=adapter)
+
+
+def parse_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
+    out = tuple(data.TASKS) if list(tasks) == ["all"] else tuple(tasks)
+    unknown = [t for t in out if t not in data.TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; tasks: {', '.join(data.TASKS)} or 'all'")
+    return out
