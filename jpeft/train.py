@@ -88,6 +88,9 @@ class TrainState(NamedTuple):
 
 
 def init_state(trainable: PyTree, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """Step 0. The trainables are copied: the train step donates its state, and the
+    caller's arrays must survive it."""
+    trainable = jax.tree_util.tree_map(lambda x: x.copy(), trainable)
     return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable), jax.random.key_data(jax.random.key(seed)))
 
 

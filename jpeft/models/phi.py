@@ -12,11 +12,17 @@ mirrors transformers' names (``model/layers_0/self_attn/q_proj/kernel`` for
 
 Matmuls run in ``dtype``; LayerNorm, softmax and logits in float32; parameters are
 stored in ``param_dtype``.
+
+    model, params = phi.from_pretrained("microsoft/phi-1_5", dtype=jnp.bfloat16)
+    logits = model.apply({"params": params}, input_ids, attention_mask)
+    tokens = phi.generate(model, params, input_ids, attention_mask, max_new_tokens=20)
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -25,7 +31,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 from transformers import PhiConfig
 
 from jpeft.core import linear
@@ -33,6 +39,7 @@ from jpeft.node import is_node
 
 Array = jax.Array
 PyTree = Any
+DType = Any
 
 NAMED_CONFIGS = {
     "phi-1.5": dict(
@@ -48,6 +55,7 @@ _COMMON = dict(
     hidden_act="gelu_new", layer_norm_eps=1e-5, partial_rotary_factor=0.5, rope_theta=10000.0,
     resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, tie_word_embeddings=False, qk_layernorm=False,
 )
+_GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")  # both are the tanh approximation
 
 
 def config(name: str) -> PhiConfig:
@@ -57,8 +65,22 @@ def config(name: str) -> PhiConfig:
     return PhiConfig(**_COMMON, **NAMED_CONFIGS[name])
 
 
+def load_config(cfg: PhiConfig | dict | str | os.PathLike) -> PhiConfig:
+    """A ``PhiConfig`` from itself, a dict, a config.json path or a checkpoint directory."""
+    if isinstance(cfg, PhiConfig):
+        return cfg
+    if not isinstance(cfg, dict):
+        path = os.path.join(cfg, "config.json") if os.path.isdir(cfg) else cfg
+        with open(path) as f:
+            cfg = json.load(f)
+    if cfg.get("model_type", "phi") != "phi":
+        raise ValueError(f"expected a Phi configuration (model_type 'phi'), got model_type {cfg['model_type']!r}")
+    return PhiConfig(**cfg)
+
+
 def _rope_value(cfg: PhiConfig, name: str, default):
-    params = getattr(cfg, "rope_parameters", None) or {}
+    """A RoPE setting from ``rope_parameters`` (transformers 5) or the config itself (4.x)."""
+    params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     return params.get(name, getattr(cfg, name, default))
 
 
@@ -86,23 +108,29 @@ class Spec:
 
     @classmethod
     def from_config(cls, cfg: PhiConfig) -> "Spec":
-        if getattr(cfg, "qk_layernorm", False):
-            raise NotImplementedError("Phi with qk_layernorm=True is not supported by jpeft.models.phi")
-        if cfg.hidden_act != "gelu_new":
-            raise NotImplementedError(f"hidden_act {cfg.hidden_act!r} is not supported (Phi uses gelu_new)")
+        """Read a ``PhiConfig``; NotImplementedError for variants this port does not cover."""
+        unsupported = {
+            "qk_layernorm=True": getattr(cfg, "qk_layernorm", False),
+            f"hidden_act={cfg.hidden_act!r} (supported: {_GELU_TANH})": cfg.hidden_act not in _GELU_TANH,
+            "tie_word_embeddings=True": getattr(cfg, "tie_word_embeddings", False),
+            "grouped-query attention (num_key_value_heads != num_attention_heads)":
+                (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) != cfg.num_attention_heads,
+            f"rope type {_rope_value(cfg, 'rope_type', _rope_value(cfg, 'type', 'default'))!r}":
+                _rope_value(cfg, "rope_type", _rope_value(cfg, "type", "default")) != "default",
+        }
+        bad = [what for what, hit in unsupported.items() if hit]
+        if bad:
+            raise NotImplementedError(f"jpeft.models.phi does not support {', '.join(bad)}")
         if cfg.hidden_size % cfg.num_attention_heads:
             raise ValueError(f"hidden_size {cfg.hidden_size} is not divisible by {cfg.num_attention_heads} heads")
         head_dim = cfg.hidden_size // cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        if kv_heads != cfg.num_attention_heads:
-            raise NotImplementedError("grouped-query attention (num_key_value_heads != num_attention_heads) is not supported")
         return cls(
             vocab_size=cfg.vocab_size, hidden=cfg.hidden_size, layers=cfg.num_hidden_layers,
             heads=cfg.num_attention_heads, intermediate=cfg.intermediate_size,
             rotary_dim=int(head_dim * _rope_value(cfg, "partial_rotary_factor", 0.5)),
             rope_theta=float(_rope_value(cfg, "rope_theta", 10000.0)), eps=cfg.layer_norm_eps,
             max_positions=cfg.max_position_embeddings, resid_pdrop=cfg.resid_pdrop, embd_pdrop=cfg.embd_pdrop,
-            attention_dropout=cfg.attention_dropout, init_std=cfg.initializer_range,
+            attention_dropout=cfg.attention_dropout or 0.0, init_std=cfg.initializer_range,
         )
 
 
@@ -110,19 +138,27 @@ class Spec:
 
 
 class Linear(nn.Module):
-    """``jpeft.linear(x, kernel) + bias``; the kernel may be a jpeft node."""
+    """``jpeft.linear(x, kernel) + bias``; the kernel may be a jpeft node.
+
+    flax's ``self.param`` checks an existing value's first leaf against the declared
+    shape, which a node (whose leaves are its factors) fails; a node is therefore read
+    with ``get_variable`` and checked against its own ``shape``.
+    """
 
     features: int
-    dtype: Any
-    param_dtype: Any
+    dtype: DType
+    param_dtype: DType
     init_std: float
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool = True) -> Array:
-        if self.has_variable("params", "kernel"):  # may be a jpeft node: skip flax's shape check
-            kernel = self.get_variable("params", "kernel")
+        shape = (x.shape[-1], self.features)
+        kernel = self.get_variable("params", "kernel")
+        if is_node(kernel):
+            if tuple(kernel.shape) != shape:
+                raise ValueError(f"{'/'.join(self.path)}/kernel: node of shape {kernel.shape}, the layer needs {shape}")
         else:
-            kernel = self.param("kernel", nn.initializers.normal(self.init_std), (x.shape[-1], self.features), self.param_dtype)
+            kernel = self.param("kernel", nn.initializers.normal(self.init_std), shape, self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         wants_dropout = is_node(kernel) and getattr(kernel.config, "dropout", 0) > 0
         key = self.make_rng("dropout") if wants_dropout and not deterministic else None
@@ -130,26 +166,25 @@ class Linear(nn.Module):
         return y + bias.astype(y.dtype)
 
 
-def rotate_half(x: Array) -> Array:
-    half = x.shape[-1] // 2
-    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-
-
 def rotary(x: Array, positions: Array, spec: Spec) -> Array:
-    """Rotary embedding on the first ``rotary_dim`` features of each head (x: B, T, H, D)."""
+    """Rotary embedding (HF's rotate-half) on the first ``rotary_dim`` features of each head.
+
+    ``x``: (batch, length, heads, head_dim); ``positions``: (batch, length).
+    """
     rd = spec.rotary_dim
     inv_freq = 1.0 / (spec.rope_theta ** (jnp.arange(0, rd, 2, dtype=jnp.float32) / rd))
     freqs = positions[..., None].astype(jnp.float32) * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
     rot = x[..., :rd].astype(jnp.float32)
-    rot = rot * jnp.cos(emb) + rotate_half(rot) * jnp.sin(emb)
+    half = jnp.concatenate([-rot[..., rd // 2 :], rot[..., : rd // 2]], axis=-1)
+    rot = rot * jnp.cos(emb) + half * jnp.sin(emb)
     return jnp.concatenate([rot.astype(x.dtype), x[..., rd:]], axis=-1)
 
 
 class Attention(nn.Module):
     spec: Spec
-    dtype: Any
-    param_dtype: Any
+    dtype: DType
+    param_dtype: DType
 
     @nn.compact
     def __call__(self, x, positions, allowed, deterministic, layer_cache=None, cache_index=None, prefix=None):
@@ -162,58 +197,58 @@ class Attention(nn.Module):
         v = split(dense("v_proj")(x, deterministic))
         new_cache = None
         if layer_cache is not None:
-            k_all = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, cache_index, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, cache_index, 0, 0))
-            new_cache, k, v = {"k": k_all, "v": v_all}, k_all, v_all
+            k, v = (jax.lax.dynamic_update_slice(layer_cache[n], y.astype(layer_cache[n].dtype), (0, cache_index, 0, 0))
+                    for n, y in (("k", k), ("v", v)))
+            new_cache = {"k": k, "v": v}
         if prefix is not None:
             pk, pv = (jnp.swapaxes(p, 1, 2).astype(k.dtype) for p in prefix)  # (B, P, H, D)
             k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
             allowed = jnp.concatenate([jnp.ones((*allowed.shape[:-1], pk.shape[1]), bool), allowed], axis=-1)
         scores = jnp.einsum("bthd,bshd->bhts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(s.head_dim)
-        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
-        probs = nn.Dropout(s.attention_dropout)(probs, deterministic=deterministic or s.attention_dropout == 0)
+        scores = jnp.where(allowed, scores / math.sqrt(s.head_dim), jnp.finfo(jnp.float32).min)
+        probs = nn.Dropout(s.attention_dropout)(jax.nn.softmax(scores, axis=-1), deterministic=deterministic)
         out = jnp.einsum("bhts,bshd->bthd", probs.astype(self.dtype), v.astype(self.dtype)).reshape(b, t, s.hidden)
         return dense("dense")(out, deterministic), new_cache
 
 
 class MLP(nn.Module):
     spec: Spec
-    dtype: Any
-    param_dtype: Any
+    dtype: DType
+    param_dtype: DType
 
     @nn.compact
     def __call__(self, x, deterministic):
         s = self.spec
         h = Linear(s.intermediate, self.dtype, self.param_dtype, s.init_std, name="fc1")(x, deterministic)
-        h = jax.nn.gelu(h, approximate=True)
+        h = jax.nn.gelu(h, approximate=True)  # gelu_new
         return Linear(s.hidden, self.dtype, self.param_dtype, s.init_std, name="fc2")(h, deterministic)
+
+
+def _layer_norm(spec: Spec, param_dtype: DType, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(spec.eps, dtype=jnp.float32, param_dtype=param_dtype, use_fast_variance=False, name=name)
 
 
 class DecoderLayer(nn.Module):
     spec: Spec
-    dtype: Any
-    param_dtype: Any
+    dtype: DType
+    param_dtype: DType
 
     @nn.compact
     def __call__(self, x, positions, allowed, deterministic, layer_cache=None, cache_index=None, prefix=None):
         s = self.spec
-        h = nn.LayerNorm(s.eps, dtype=jnp.float32, param_dtype=self.param_dtype, name="input_layernorm")(x)
-        h = h.astype(self.dtype)
+        h = _layer_norm(s, self.param_dtype, "input_layernorm")(x).astype(self.dtype)
         attn, new_cache = Attention(s, self.dtype, self.param_dtype, name="self_attn")(
             h, positions, allowed, deterministic, layer_cache, cache_index, prefix
         )
         mlp = MLP(s, self.dtype, self.param_dtype, name="mlp")(h, deterministic)
-        drop = nn.Dropout(s.resid_pdrop)
-        det = deterministic or s.resid_pdrop == 0
-        return x + (drop(attn, deterministic=det) + drop(mlp, deterministic=det)).astype(x.dtype), new_cache
+        drop = nn.Dropout(s.resid_pdrop, deterministic=deterministic)
+        return x + (drop(attn) + drop(mlp)).astype(x.dtype), new_cache
 
 
 class PhiModel(nn.Module):
     spec: Spec
-    dtype: Any
-    param_dtype: Any
+    dtype: DType
+    param_dtype: DType
 
     @nn.compact
     def __call__(self, input_ids, inputs_embeds, positions, allowed, deterministic, cache=None, cache_index=None, prefix_kv=None):
@@ -221,7 +256,7 @@ class PhiModel(nn.Module):
         embed = nn.Embed(s.vocab_size, s.hidden, param_dtype=self.param_dtype,
                          embedding_init=nn.initializers.normal(s.init_std), name="embed_tokens")
         x = embed(input_ids) if inputs_embeds is None else inputs_embeds
-        x = nn.Dropout(s.embd_pdrop)(x.astype(self.dtype), deterministic=deterministic or s.embd_pdrop == 0)
+        x = nn.Dropout(s.embd_pdrop)(x.astype(self.dtype), deterministic=deterministic)
         new_caches = []
         for i in range(s.layers):
             x, c = DecoderLayer(s, self.dtype, self.param_dtype, name=f"layers_{i}")(
@@ -229,93 +264,120 @@ class PhiModel(nn.Module):
                 None if cache is None else cache[i], cache_index, None if prefix_kv is None else prefix_kv[i],
             )
             new_caches.append(c)
-        x = nn.LayerNorm(s.eps, dtype=jnp.float32, param_dtype=self.param_dtype, name="final_layernorm")(x)
+        x = _layer_norm(s, self.param_dtype, "final_layernorm")(x)
         return x.astype(self.dtype), new_caches
 
 
-class PhiForCausalLM(nn.Module):
-    """``__call__(input_ids, attention_mask=None, position_ids=None, *, inputs_embeds=None,
-    prefix_kv=None, cache=None, deterministic=True)``.
+def _check_shape(name: str, x: Any, shape: tuple) -> None:
+    """ValueError unless ``x.shape`` matches ``shape`` (``None`` entries match anything)."""
+    found = tuple(getattr(x, "shape", ()))
+    if len(found) != len(shape) or any(w is not None and w != f for w, f in zip(shape, found)):
+        want = "(" + ", ".join("*" if w is None else str(w) for w in shape) + ")"
+        raise ValueError(f"{name} must have shape {want}, got {found}")
 
-    Returns float32 logits (batch, length, vocab), or ``(logits, cache)`` when a cache
-    from :func:`init_cache` is given. ``attention_mask`` (batch, length) marks real
-    tokens (left or right padding); default position ids count real tokens
-    (``cumsum(mask) - 1``). ``prefix_kv[i] = (key, value)``, each (batch, heads,
-    prefix, head_dim), is attended to by every position of layer ``i``.
+
+class PhiForCausalLM(nn.Module):
+    """Phi causal LM; ``apply({"params": params}, input_ids, attention_mask=None, ...)``.
+
+    Args (of ``__call__``):
+      input_ids: int (batch, length); or ``inputs_embeds`` (batch, length, hidden) instead.
+      attention_mask: (batch, length), 1 on tokens and 0 on padding (left or right). With
+        a cache it covers only the new tokens; the cache remembers earlier ones.
+      position_ids: (batch, length); default ``max(cumsum(mask) - 1, 0)`` over everything
+        seen so far, so left-padded prompts get the positions HF ``generate`` gives them.
+      prefix_kv: one ``(key, value)`` per layer, each (batch, heads, prefix, head_dim),
+        used as is (no rotary) and attended to by every position; token positions do not
+        count the prefix.
+      cache: from :func:`init_cache`; the new tokens are written at its ``index``.
+      deterministic: False enables dropout (the config's rates and jpeft adapter
+        dropout), drawing from the ``"dropout"`` rng.
+
+    Returns:
+      float32 logits (batch, length, vocab), or ``(logits, cache)`` when a cache is given.
     """
 
     spec: Spec
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, *, inputs_embeds=None,
-                 prefix_kv=None, cache=None, deterministic: bool = True):
+    def __call__(self, input_ids: Array | None = None, attention_mask: Array | None = None,
+                 position_ids: Array | None = None, *, inputs_embeds: Array | None = None,
+                 prefix_kv: Sequence[tuple[Array, Array]] | None = None, cache: dict | None = None,
+                 deterministic: bool = True):
         s = self.spec
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        b, t = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
-        if prefix_kv is not None and len(prefix_kv) != s.layers:
-            raise ValueError(f"prefix_kv has {len(prefix_kv)} entries, the model has {s.layers} layers")
-        mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-        if cache is None:
-            if t > s.max_positions:
-                raise ValueError(f"sequence length {t} exceeds max_position_embeddings {s.max_positions}")
-            if position_ids is None:
-                position_ids = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
-            causal = jnp.tril(jnp.ones((t, t), bool))
-            allowed = causal[None, None] & mask[:, None, None, :]
-            hidden, _ = PhiModel(s, self.dtype, self.param_dtype, name="model")(
-                input_ids, inputs_embeds, position_ids, allowed, deterministic, prefix_kv=prefix_kv
-            )
-            new_cache = None
+        if input_ids is not None:
+            _check_shape("input_ids", input_ids, (None, None))
+            if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+                raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+            b, t = input_ids.shape
         else:
-            index = cache["index"]
-            kv_mask = jax.lax.dynamic_update_slice(cache["mask"], mask, (0, index))
-            if position_ids is None:
-                position_ids = jnp.maximum(jnp.cumsum(kv_mask, axis=-1) - 1, 0)
-                position_ids = jax.lax.dynamic_slice_in_dim(position_ids, index, t, axis=1)
-            slots = jnp.arange(kv_mask.shape[1])
-            causal = slots[None, :] <= (index + jnp.arange(t))[:, None]
-            allowed = causal[None, None] & kv_mask[:, None, None, :]
-            hidden, layers = PhiModel(s, self.dtype, self.param_dtype, name="model")(
-                input_ids, inputs_embeds, position_ids, allowed, deterministic, cache["layers"], index, prefix_kv
-            )
-            new_cache = {"layers": layers, "mask": kv_mask, "index": index + t}
+            _check_shape("inputs_embeds", inputs_embeds, (None, None, s.hidden))
+            b, t = inputs_embeds.shape[:2]
+        for name, x in (("attention_mask", attention_mask), ("position_ids", position_ids)):
+            if x is not None:
+                _check_shape(name, x, (b, t))
+        if prefix_kv is not None:
+            if len(prefix_kv) != s.layers:
+                raise ValueError(f"prefix_kv has {len(prefix_kv)} entries, the model has {s.layers} layers")
+            p = prefix_kv[0][0].shape[2] if prefix_kv[0][0].ndim == 4 else None
+            for i, kv in enumerate(prefix_kv):
+                for part, x in zip(("key", "value"), kv):
+                    _check_shape(f"prefix_kv[{i}] {part}", x, (b, s.heads, p, s.head_dim))
+        mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        size = t if cache is None else cache["mask"].shape[1]
+        if size > s.max_positions:
+            raise ValueError(f"{'sequence length' if cache is None else 'cache size'} {size} exceeds max_position_embeddings {s.max_positions}")
+        if t > size:
+            raise ValueError(f"{t} new tokens do not fit a cache of size {size}")
+        index = 0 if cache is None else cache["index"]
+        seen = mask if cache is None else jax.lax.dynamic_update_slice(cache["mask"], mask, (0, index))
+        if position_ids is None:
+            position_ids = jax.lax.dynamic_slice_in_dim(jnp.maximum(jnp.cumsum(seen, axis=-1) - 1, 0), index, t, axis=1)
+        causal = jnp.arange(size)[None, :] <= (index + jnp.arange(t))[:, None]
+        allowed = causal[None, None] & seen[:, None, None, :]
+        hidden, layers = PhiModel(s, self.dtype, self.param_dtype, name="model")(
+            input_ids, inputs_embeds, position_ids, allowed, deterministic,
+            None if cache is None else cache["layers"], index, prefix_kv,
+        )
         logits = Linear(s.vocab_size, self.dtype, self.param_dtype, s.init_std, name="lm_head")(hidden, deterministic)
         logits = logits.astype(jnp.float32)
-        return logits if new_cache is None else (logits, new_cache)
+        if cache is None:
+            return logits
+        return logits, {"layers": layers, "mask": seen, "index": index + t}
 
 
-def init_cache(model: PhiForCausalLM, batch: int, length: int) -> dict:
-    """An empty key/value cache holding ``length`` positions."""
+def init_cache(model: PhiForCausalLM, batch: int, size: int) -> dict:
+    """An empty key/value cache for ``size`` positions (prompt + new tokens), in ``model.dtype``.
+
+    A pytree ``{"layers": [{"k", "v"} (batch, size, heads, head_dim) per layer],
+    "mask": (batch, size) bool, "index": int32 next free slot}``. Writing past ``size``
+    is not detected inside ``jit``: size it for the whole sequence.
+    """
     s = model.spec
-    zeros = lambda: jnp.zeros((batch, length, s.heads, s.head_dim), model.dtype)  # noqa: E731
+    zeros = lambda: jnp.zeros((batch, size, s.heads, s.head_dim), model.dtype)  # noqa: E731
     return {"layers": [{"k": zeros(), "v": zeros()} for _ in range(s.layers)],
-            "mask": jnp.zeros((batch, length), bool), "index": jnp.zeros((), jnp.int32)}
+            "mask": jnp.zeros((batch, size), bool), "index": jnp.zeros((), jnp.int32)}
 
 
-def load_config(cfg) -> PhiConfig:
-    """A ``PhiConfig`` from itself, a dict, a config.json path or a checkpoint directory."""
-    if isinstance(cfg, PhiConfig):
-        return cfg
-    if isinstance(cfg, dict):
-        return PhiConfig(**cfg)
-    path = os.path.join(cfg, "config.json") if os.path.isdir(cfg) else cfg
-    with open(path) as f:
-        return PhiConfig(**json.load(f))
+def make_model(cfg: PhiConfig | dict | str, dtype: DType = jnp.float32, param_dtype: DType | None = None) -> PhiForCausalLM:
+    """The Flax module for a ``PhiConfig``, a config dict or a config.json path.
 
-
-def make_model(cfg, dtype=jnp.float32, param_dtype=None) -> PhiForCausalLM:
-    """The Flax module for a ``PhiConfig``, a config dict or a config.json path."""
+    ``dtype`` is the compute dtype, ``param_dtype`` (default: ``dtype``) that of the weights.
+    """
     return PhiForCausalLM(Spec.from_config(load_config(cfg)), dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype or dtype))
 
 
-def init(cfg, key: Array, dtype=jnp.float32, param_dtype=None) -> tuple[PhiForCausalLM, PyTree]:
-    """``(model, params)`` with random weights (normal(initializer_range), zero biases)."""
+def init(cfg: PhiConfig | dict | str, key: Array, dtype: DType = jnp.float32,
+         param_dtype: DType | None = None) -> tuple[PhiForCausalLM, PyTree]:
+    """``(model, params)`` with random weights (normal(initializer_range), zero biases, unit norms).
+
+    Under ``jax.eval_shape`` it allocates nothing (count a full-size model's parameters).
+    """
     model = make_model(cfg, dtype, param_dtype)
-    params = model.init(key, jnp.zeros((1, 1), jnp.int32))["params"]
-    return model, params
+    return model, model.init(key, jnp.zeros((1, 1), jnp.int32))["params"]
 
 
 # --------------------------------------------------------------- Hugging Face I/O
@@ -324,18 +386,21 @@ def init(cfg, key: Array, dtype=jnp.float32, param_dtype=None) -> tuple[PhiForCa
 def _hf_name(path: tuple[str, ...]) -> tuple[str, bool]:
     """Flax path -> (transformers tensor name, whether the array is transposed)."""
     *mods, leaf = path
-    mods = [m.replace("layers_", "layers.") if m.startswith("layers_") else m for m in mods]
-    name = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}[leaf]
+    mods = [m.replace("layers_", "layers.") for m in mods]
+    name = {"kernel": "weight", "embedding": "weight", "scale": "weight"}.get(leaf, leaf)
     return ".".join([*mods, name]), leaf == "kernel"
 
 
-def _flat_paths(tree) -> dict[tuple[str, ...], Any]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)
-    return {tuple(str(getattr(k, "key", k)) for k in p): leaf for p, leaf in flat}
+def _layout(model: PhiForCausalLM) -> dict[str, tuple[tuple[str, ...], jax.ShapeDtypeStruct, bool]]:
+    """transformers tensor name -> (Flax path, Flax shape/dtype, transposed), nothing allocated."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    return {name: (path, leaf, transposed) for path, leaf in flatten_dict(shapes).items() for name, transposed in [_hf_name(path)]}
 
 
 def _checkpoint_files(directory: str) -> dict[str, str]:
-    """tensor name -> safetensors file, from an index or a single file."""
+    """tensor name -> safetensors file, from ``model.safetensors.index.json`` or ``model.safetensors``."""
+    from safetensors import safe_open
+
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
@@ -343,89 +408,111 @@ def _checkpoint_files(directory: str) -> dict[str, str]:
     single = os.path.join(directory, "model.safetensors")
     if not os.path.exists(single):
         raise FileNotFoundError(f"{directory} has neither model.safetensors nor model.safetensors.index.json")
-    from safetensors import safe_open
-
     with safe_open(single, framework="flax") as f:
         return {k: single for k in f.keys()}
 
 
-def from_pretrained(path_or_hub_id: str, dtype=jnp.float32, param_dtype=None) -> tuple[PhiForCausalLM, PyTree]:
-    """Load a Hugging Face Phi checkpoint (local directory, or hub id where reachable).
+def _compare_names(where: str, wanted, found) -> None:
+    missing, extra = sorted(set(wanted) - set(found)), sorted(set(found) - set(wanted))
+    if missing or extra:
+        raise ValueError(f"{where} does not match the configuration: missing tensors {missing}, unexpected tensors {extra}")
 
-    Tensors are read one at a time and cast to ``param_dtype`` as they arrive, so the
-    host holds about one copy of the model in that dtype. A missing, unexpected or
-    mis-shaped tensor is a ValueError naming it.
+
+def from_pretrained(path_or_hub_id: str | os.PathLike, dtype: DType = jnp.float32,
+                    param_dtype: DType | None = None) -> tuple[PhiForCausalLM, PyTree]:
+    """Load a Hugging Face Phi checkpoint: a local directory, else a hub id (``snapshot_download``).
+
+    Reads ``config.json`` and ``model.safetensors`` (or shards listed in
+    ``model.safetensors.index.json``) one tensor at a time, casting each to
+    ``param_dtype`` (default ``dtype``) as it arrives and transposing Linear weights to
+    (in, out) kernels; bf16 checkpoints work. A missing, unexpected or mis-shaped tensor
+    is a ValueError naming it (and the expected and found shapes).
     """
     from safetensors import safe_open
 
-    directory = path_or_hub_id
+    directory = os.fspath(path_or_hub_id)
     if not os.path.isdir(directory):
         from huggingface_hub import snapshot_download
 
-        directory = snapshot_download(path_or_hub_id, allow_patterns=["*.json", "*.safetensors"])
+        directory = snapshot_download(directory, allow_patterns=["*.json", "*.safetensors"])
     model = make_model(directory, dtype, param_dtype)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
-    expected = {_hf_name(p): leaf for p, leaf in _flat_paths(shapes).items()}
+    layout = _layout(model)
     files = _checkpoint_files(directory)
-    wanted = {name for name, _ in expected}
-    missing, extra = sorted(wanted - set(files)), sorted(set(files) - wanted)
-    if missing or extra:
-        raise ValueError(f"checkpoint {directory} does not match the configuration: missing tensors {missing}, unexpected tensors {extra}")
-    loaded = {}
-    handles: dict[str, Any] = {}
-    try:
-        for (name, transposed), leaf in expected.items():
-            if files[name] not in handles:
-                handles[files[name]] = safe_open(files[name], framework="flax").__enter__()
-            tensor = handles[files[name]].get_tensor(name)
-            tensor = tensor.T if transposed else tensor
-            if tuple(tensor.shape) != tuple(leaf.shape):
-                found = tuple(tensor.T.shape) if transposed else tuple(tensor.shape)
-                want = tuple(leaf.shape[::-1]) if transposed else tuple(leaf.shape)
-                raise ValueError(f"tensor {name} has shape {found}, expected {want}")
-            loaded[name] = jnp.asarray(tensor, leaf.dtype)
-    finally:
-        for h in handles.values():
-            h.__exit__(None, None, None)
-    flat = [loaded[_hf_name(p)[0]] for p in _flat_paths(shapes)]
-    return model, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes), flat)
+    _compare_names(f"checkpoint {directory}", layout, files)
+    by_file: dict[str, list[str]] = {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
+    flat = {}
+    for file, names in sorted(by_file.items()):
+        with safe_open(file, framework="flax") as f:
+            for name in names:
+                path, leaf, transposed = layout[name]
+                want = tuple(leaf.shape[::-1] if transposed else leaf.shape)
+                found = tuple(f.get_slice(name).get_shape())
+                if found != want:
+                    raise ValueError(f"tensor {name} has shape {found}, expected {want}")
+                tensor = jnp.asarray(f.get_tensor(name), leaf.dtype)
+                flat[path] = tensor.T if transposed else tensor
+    return model, unflatten_dict(flat)
 
 
-def save_pretrained(params: PyTree, cfg, path: str) -> None:
-    """Write ``config.json`` and ``model.safetensors`` that transformers' ``PhiForCausalLM`` loads."""
+def save_pretrained(params: PyTree, cfg: PhiConfig | dict | str, path: str | os.PathLike) -> None:
+    """Write ``config.json`` and ``model.safetensors`` that transformers' ``PhiForCausalLM`` loads.
+
+    ``params`` must be plain arrays: adapted trees are refused (``jpeft.materialize`` first).
+    """
     from safetensors.flax import save_file
 
-    flat = _flat_paths(params)
-    nodes = [p for p, leaf in flat.items() if is_node(leaf)]
+    flat = flatten_dict(params)
+    nodes = ["/".join(p) for p, leaf in flat.items() if is_node(leaf)]
     if nodes:
-        raise ValueError(f"params still hold jpeft nodes at {['/'.join(p) for p in nodes[:5]]}; call jpeft.materialize(params) first")
-    os.makedirs(path, exist_ok=True)
-    load_config(cfg).save_pretrained(path)
+        raise ValueError(f"params still hold jpeft nodes at {nodes[:5]}; call jpeft.materialize(params) first")
+    cfg = copy.deepcopy(load_config(cfg))
+    layout = _layout(make_model(cfg))
+    names = {p: name for name, (p, _, _) in layout.items()}
+    _compare_names("params", layout, [_hf_name(p)[0] for p in flat])
     tensors = {}
     for p, leaf in flat.items():
-        name, transposed = _hf_name(p)
-        tensors[name] = jnp.asarray(leaf.T if transposed else leaf)
+        _, expected, transposed = layout[names[p]]
+        if tuple(leaf.shape) != tuple(expected.shape):
+            raise ValueError(f"{'/'.join(p)} has shape {tuple(leaf.shape)}, the configuration needs {tuple(expected.shape)}")
+        tensors[names[p]] = jnp.asarray(leaf.T if transposed else leaf)
+    cfg.architectures = ["PhiForCausalLM"]
+    os.makedirs(path, exist_ok=True)
+    cfg.save_pretrained(path)
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
 
 
 # ---------------------------------------------------------------------- generation
 
 
-def _sample(logits: Array, key, temperature: float, top_k: int | None, top_p: float | None) -> Array:
+def _sample(logits: Array, key: Array, temperature: float, top_k: int | None, top_p: float | None) -> Array:
+    """Next tokens from (batch, vocab) float32 logits: argmax at temperature 0, else HF's
+    order temperature -> top-k -> top-p (nucleus, keeping at least one token)."""
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
     if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if top_p is not None:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-        drop_sorted = cumulative - jax.nn.softmax(sorted_logits, axis=-1) >= top_p  # keep the first token always
-        drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
-        logits = jnp.where(drop, -jnp.inf, logits)
+        ranked = -jnp.sort(-logits, axis=-1)
+        probs = jax.nn.softmax(ranked, axis=-1)
+        keep = jnp.cumsum(probs, axis=-1) - probs < top_p  # mass strictly before each token
+        threshold = jnp.min(jnp.where(keep, ranked, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "sampling", "eos", "pad"), donate_argnames=("cache",))
+def _decode_step(model, params, cache, tokens, mask, done, key, *, sampling, eos, pad):
+    """Run ``tokens`` through the cache and pick the next token of each row (compiled once
+    per model, shape and sampling setting: one program for the prompt, one per step)."""
+    logits, cache = model.apply({"params": params}, tokens, mask, cache=cache)
+    token = jnp.where(done, pad, _sample(logits[:, -1], key, *sampling))
+    if eos:
+        done = done | jnp.isin(token, jnp.asarray(eos))
+    return token, cache, done
 
 
 def generate(
@@ -438,17 +525,19 @@ def generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     key: Array | None = None,
 ) -> Array:
-    """Greedy (``temperature=0``) or sampled decoding with a key/value cache.
+    """Greedy (``temperature=0``) or sampled decoding over a fixed-size key/value cache.
 
-    Prompts may be left-padded (``attention_mask``). Rows that produced ``eos_token_id``
-    continue with ``pad_token_id`` (default: the EOS id). Returns (batch, prompt + new).
+    Prompts may be left-padded (``attention_mask``). ``params`` may be adapted (nodes).
+    Rows that produced an ``eos_token_id`` continue with ``pad_token_id`` (default: the
+    first EOS id, else 0); decoding stops early once every row is done. Returns int32
+    (batch, prompt + max_new_tokens).
     """
-    if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature > 0 and key is None:
@@ -456,37 +545,22 @@ def generate(
     if top_k is not None and top_k <= 0 or top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_k must be positive and top_p in (0, 1], got {top_k}, {top_p}")
     input_ids = jnp.asarray(input_ids, jnp.int32)
+    _check_shape("input_ids", input_ids, (None, None))
     b, t = input_ids.shape
     if t + max_new_tokens > model.spec.max_positions:
         raise ValueError(f"prompt {t} + {max_new_tokens} new tokens exceed max_position_embeddings {model.spec.max_positions}")
     mask = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
-    pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+    eos = () if eos_token_id is None else tuple(jnp.atleast_1d(jnp.asarray(eos_token_id)).tolist())
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    step = functools.partial(_decode_step, model, params, sampling=(float(temperature), top_k, top_p), eos=eos, pad=pad)
     key = jax.random.key(0) if key is None else key
-    cache = init_cache(model, b, t + max_new_tokens)
-
-    @jax.jit
-    def prefill(params, cache, ids, mask):
-        logits, cache = model.apply({"params": params}, ids, mask, cache=cache)
-        return logits[:, -1], cache
-
-    @jax.jit
-    def decode(params, cache, token, step_key):
-        logits, cache = model.apply({"params": params}, token[:, None], jnp.ones((b, 1), bool), cache=cache)
-        return logits[:, -1], cache
-
-    logits, cache = prefill(params, cache, input_ids, mask)
-    done = jnp.zeros((b,), bool)
-    out = []
+    cache, done, out = init_cache(model, b, t + max_new_tokens), jnp.zeros((b,), bool), [input_ids]
+    tokens = input_ids
     for i in range(max_new_tokens):
-        key, sub = jax.random.split(key)
-        token = _sample(logits, sub, temperature, top_k, top_p)
-        token = jnp.where(done, pad, token)
-        out.append(token)
-        if eos_token_id is not None:
-            done = done | (token == eos_token_id)
-            if bool(jnp.all(done)):
-                out += [jnp.full((b,), pad, jnp.int32)] * (max_new_tokens - i - 1)
-                break
-        if i + 1 < max_new_tokens:
-            logits, cache = decode(params, cache, token, sub)
-    return jnp.concatenate([input_ids, jnp.stack(out, axis=1)], axis=1)
+        token, cache, done = step(cache, tokens, mask, done, jax.random.fold_in(key, i))
+        tokens, mask = token[:, None], jnp.ones((b, 1), bool)
+        out.append(tokens)
+        if eos and i + 1 < max_new_tokens and bool(jnp.all(done)):
+            out.append(jnp.full((b, max_new_tokens - i - 1), pad, jnp.int32))
+            break
+    return jnp.concatenate(out, axis=1)

@@ -1,0 +1,162 @@
+"""Training, resume, accumulation, data parallelism, checkpoints and evaluation on a tiny Phi."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from transformers import PhiConfig
+
+import jpeft
+from jpeft import checkpoint, data, eval as evaluation, train
+from jpeft.models import phi
+from conftest import METHODS, perturb
+
+SMALL = PhiConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=128, partial_rotary_factor=0.5, eos_token_id=0, bos_token_id=0, pad_token_id=0)
+CONFIG = train.TrainConfig(learning_rate=1e-2, warmup_steps=2, batch_size=4, max_length=48, compute_dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, params = phi.init(SMALL, jax.random.key(0))
+    tok = data.default_tokenizer()
+    examples = data.load_task("piqa", "train", path=data.sample_path("piqa", "train"))
+    encoded = data.encode_pairs(data.training_pairs(examples), tok, CONFIG.max_length)
+    return model, params, tok, encoded
+
+
+def losses(records):
+    return np.array([r["loss"] for r in records])
+
+
+def test_training_lowers_the_loss(setup, tmp_path):
+    model, params, _, encoded = setup
+    # random base weights: adapt every kernel (lm_head included) so the adapter can move the output
+    adapted = jpeft.apply(params, "lora", key=jax.random.key(1), targets=r".*/kernel", r=4, dropout=0.0)
+    trained, records = train.fit(model, adapted, encoded, CONFIG, str(tmp_path), max_steps=24, log_every=1, progress=False)
+    loss = losses(records)
+    assert len(loss) == 24 and loss[-3:].mean() < loss[:3].mean() - 0.5
+    assert os.path.exists(tmp_path / "adapter" / "adapter.safetensors")
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert len(lines) == 24 and {"loss", "lr", "tokens_per_s", "grad_norm"} <= set(json.loads(lines[0]))
+
+
+def test_stop_and_resume_equals_uninterrupted(setup, tmp_path):
+    model, params, _, encoded = setup
+    adapted = jpeft.apply(params, "shoft", key=jax.random.key(2), r_u=2, r_v=2)
+    kwargs = dict(max_steps=7, log_every=1, checkpoint_every=2, progress=False)
+    full, full_log = train.fit(model, adapted, encoded, CONFIG, str(tmp_path / "a"), **kwargs)
+    _, first = train.fit(model, adapted, encoded, CONFIG, str(tmp_path / "b"), stop_at=4, **kwargs)
+    assert [r["step"] for r in first] == [1, 2, 3, 4]
+    resumed, rest = train.fit(model, adapted, encoded, CONFIG, str(tmp_path / "b"), **kwargs)
+    assert [r["step"] for r in rest] == [5, 6, 7]  # steps 3 (epoch 1 begins) onwards come from the checkpoint
+    np.testing.assert_allclose(losses(first + rest), losses(full_log), rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(jpeft.partition(full)[0]), jax.tree_util.tree_leaves(jpeft.partition(resumed)[0])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_accumulation_matches_one_big_batch(setup):
+    model, params, _, encoded = setup
+    adapted = perturb(jpeft.apply(params, "dora", key=jax.random.key(3), r=2, dropout=0.0), jax.random.key(4), 0.05)
+    trainable, frozen = jpeft.partition(adapted)
+    batch = {k: jnp.asarray(v) for k, v in data.collate(encoded, list(range(4))).items()}
+    out = []
+    for accum in (1, 2):
+        tx = train.optimizer(CONFIG, 10)
+        step = train.make_train_step(train.lm_loss_fn(model), tx, accum)
+        state, metrics = step(train.init_state(trainable, tx, 0), frozen, batch)
+        out.append((float(metrics["loss"]), state.trainable))
+    assert abs(out[0][0] - out[1][0]) < 1e-5
+    for a, b in zip(jax.tree_util.tree_leaves(out[0][1]), jax.tree_util.tree_leaves(out[1][1])):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_data_parallel_on_eight_host_devices():
+    """A step sharded over 8 CPU devices equals the same step on one device."""
+    script = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp, numpy as np, jpeft
+        from jpeft import train, data
+        from jpeft.models import phi
+        from transformers import PhiConfig
+        assert jax.device_count() == 8
+        cfg = PhiConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, max_position_embeddings=64)
+        model, params = phi.init(cfg, jax.random.key(0))
+        adapted = jpeft.apply(params, "lora", key=jax.random.key(1), r=2, dropout=0.0)
+        trainable, frozen = jpeft.partition(adapted)
+        ids = np.random.RandomState(0).randint(1, 1024, (8, 16)).astype(np.int32)
+        batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "targets": np.roll(ids, -1, 1),
+                 "loss_mask": np.ones(ids.shape, np.float32)}
+        tc = train.TrainConfig(batch_size=8, compute_dtype="float32")
+        results = []
+        for devices in (jax.devices()[:1], jax.devices()):
+            mesh = train.data_mesh(devices)
+            tx = train.optimizer(tc, 10)
+            step = train.make_train_step(train.lm_loss_fn(model), tx, 1)
+            state = train.init_state(train.replicate(trainable, mesh), tx, 0)
+            sharded = train.shard_batch(batch, mesh)
+            assert len(sharded["input_ids"].sharding.device_set) == len(devices)
+            state, m = step(state, train.replicate(frozen, mesh), sharded)
+            results.append((float(m["loss"]), jax.tree_util.tree_leaves(state.trainable)))
+        assert abs(results[0][0] - results[1][0]) < 1e-5, results
+        for a, b in zip(results[0][1], results[1][1]):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+        print("OK")
+        """
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_adapter_export_roundtrip(setup, tmp_path, method):
+    _, params, _, _ = setup
+    hp = {"oft": dict(block_size=8), "boft": dict(block_size=4, n_butterfly=2), "rhoft": dict(k=8, r_u=2, r_v=2)}.get(method, {})
+    adapted = perturb(jpeft.apply(params, method, key=jax.random.key(5), **hp), jax.random.key(6))
+    checkpoint.save_adapter(tmp_path, adapted)
+    size = os.path.getsize(tmp_path / "adapter.safetensors")
+    if method in ("lora", "dora", "lokr", "oft", "boft"):  # the base kernels are not in it
+        assert size < 4 * sum(x.size for x in jax.tree_util.tree_leaves(params)) / 4
+    restored = checkpoint.load_adapter(tmp_path, params)
+    for a, b in zip(jax.tree_util.tree_leaves(jpeft.materialize(adapted)), jax.tree_util.tree_leaves(jpeft.materialize(restored))):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="no jpeft node"):
+        checkpoint.save_adapter(tmp_path / "x", params)
+
+
+def test_scoring_picks_the_answer_the_model_prefers(setup):
+    """A model whose next-token distribution ignores its input and puts almost all mass on
+    one token: choices made of that token must win, and the scores must equal the sums
+    of log-probabilities computed by hand."""
+    model, params, tok, _ = setup
+    favored = tok.encode(" the", add_special_tokens=False)
+    assert len(favored) == 1
+    head = params["lm_head"]
+    bias = jnp.zeros_like(head["bias"]).at[favored[0]].set(12.0)
+    rigged = {**params, "lm_head": {"kernel": jnp.zeros_like(head["kernel"]), "bias": bias}}
+    examples = [
+        data.Example("Pick one:", ("cat", "the the"), 1, "toy", "toy:0"),
+        data.Example("Pick one:", ("the", "dog"), 0, "toy", "toy:1"),
+        data.Example("Pick one:", ("bird", "the the the", "fish"), 1, "toy", "toy:2"),
+    ]
+    result = evaluation.evaluate(model, rigged, examples, tok, batch_size=4, max_length=32)
+    assert result["accuracy"] == 1.0 and result["n"] == 3
+    logp = jax.nn.log_softmax(bias)
+    for ex, pred in zip(examples, result["predictions"]):
+        for choice, score in zip(ex.choices, pred["scores"]):
+            ids = tok.encode(" " + choice, add_special_tokens=False)
+            np.testing.assert_allclose(score, sum(float(logp[i]) for i in ids), rtol=1e-5, atol=1e-5)
+    # Length normalization divides by characters: four cheap tokens lose on the sum
+    # (-4ε vs -ε) but win per character (-4ε/15 vs -ε/3).
+    flip = [data.Example("Pick one:", ("the the the the", "the"), 0, "toy", "toy:3")]
+    res = evaluation.evaluate(model, rigged, flip, tok, batch_size=4, max_length=32)
+    assert (res["predictions"][0]["prediction"], res["predictions"][0]["prediction_norm"]) == (1, 0)
+    assert (res["accuracy"], res["accuracy_norm"]) == (0.0, 1.0)
