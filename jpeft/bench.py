@@ -192,11 +192,12 @@ def _worker(payload: str) -> None:
     print("JPEFT_BENCH_RESULT " + json.dumps(result))
 
 
-def run(cfg: BenchConfig, *, peft: bool = False, timeout: float = 1800) -> list[dict]:
-    """Every method of ``cfg`` (and HF PEFT's eager and compiled runs if ``peft``), one subprocess each."""
+def run(cfg: BenchConfig, *, peft: bool = False, peft_modes: tuple[str, ...] = ("eager", "compiled"),
+        timeout: float = 1800) -> list[dict]:
+    """Every method of ``cfg`` (and HF PEFT's ``peft_modes`` runs if ``peft``), one subprocess each."""
     jobs = [("jpeft", m) for m in cfg.methods]
     if peft:
-        jobs += [(impl, m) for impl in ("peft-eager", "peft-compiled") for m in cfg.methods if m in PEFT_CONFIGS]
+        jobs += [(f"peft-{mode}", m) for mode in peft_modes for m in cfg.methods if m in PEFT_CONFIGS]
     results = []
     for impl, method in jobs:
         payload = json.dumps({"impl": impl, "method": method, "config": dataclasses.asdict(cfg)})

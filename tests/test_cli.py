@@ -1,0 +1,74 @@
+"""The command line and the scripts, run as a user would (tiny model, bundled data)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jpeft import bench, cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_count_phi15_offline(capsys):
+    cli.main(["count", "--model", "phi-1.5", "--json"])
+    rows = {r["method"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["full fine-tuning"]["trainable"] == 1_418_270_720
+    assert rows["lora"]["trainable"] == 4_718_592 and rows["rhoft"]["trainable"] == 4_792_320
+    assert rows["oft"]["trainable"] == 4_644_864 and rows["shoft"]["trainable"] == 4_866_048
+    # RHOFT drops the 72 Q/K/V matrices for rank-1024 factors of the same size
+    assert rows["rhoft"]["frozen"] == 1_418_270_720
+    cli.main(["count", "--model", "phi-1.5", "--methods", "lora", "--set", "lora.r=8"])
+    assert "| lora | r=8, alpha=32.0" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["count", "--methods", "lorax"])
+
+
+def test_train_then_eval_with_the_adapter(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["--model", "tiny", "--method", "lokr", "--tasks", "piqa", "arc_easy", "--batch-size", "4", "--dtype", "float32",
+            "--max-length", "128", "--run-dir", str(run)]
+    cli.main(["train", *args, "--steps", "6", "--warmup-steps", "2", "--lr", "1e-2", "--log-every", "2",
+              "--merged-out", str(tmp_path / "merged")])
+    out = capsys.readouterr().out
+    assert "piqa" in out and "accuracy" in out
+    for path in ("run.json", "log.jsonl", "adapter/adapter_config.json", "results/piqa.json", "results/arc_easy.json",
+                 "../merged/config.json", "../merged/model.safetensors"):
+        assert (run / path).exists(), path
+    trained = json.loads((run / "results" / "piqa.json").read_text())
+    assert trained["n"] == len(trained["predictions"]) and 0 <= trained["accuracy"] <= 1
+    cli.main(["eval", *args[:-2], "--adapter", str(run / "adapter"), "--run-dir", str(tmp_path / "eval")])
+    again = json.loads((tmp_path / "eval" / "results" / "piqa.json").read_text())
+    assert again["accuracy"] == trained["accuracy"]  # the adapter export reproduces the trained model
+
+
+def test_bench_smoke_writes_json_table_and_plot(tmp_path):
+    cfg = bench.BenchConfig(model="tiny", batch=2, seq_len=32, methods=("lora", "rhoft"), warmup=1, steps=2,
+                            compute_dtype="float32", param_dtype="float32")
+    results = bench.run(cfg, peft=True, peft_modes=("eager",), timeout=300)
+    assert [(r["impl"], r["method"]) for r in results] == [("jpeft", "lora"), ("jpeft", "rhoft"), ("peft-eager", "lora")]
+    assert all("error" not in r for r in results), results
+    assert all(r["step_ms"] > 0 and r["tokens_per_s"] > 0 and r["compile_s"] > 0 for r in results)
+    assert results[0]["x_jpeft_lora"] == 1.0
+    assert results[2]["trainable"] == results[0]["trainable"]  # same LoRA on both sides
+    paths = bench.write_outputs(results, cfg, str(tmp_path))
+    data = json.load(open(paths["json"]))
+    assert data["config"]["model"] == "tiny" and len(data["results"]) == 3
+    table = open(paths["md"]).read()
+    assert "| jpeft | rhoft |" in table and "| peft-eager | lora |" in table
+    assert open(paths["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_experiment_grid_quick_run(tmp_path):
+    out = tmp_path / "grid"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "experiments", "grid.py"), "--methods", "lora", "shoft", "--ranks", "2",
+         "--tasks", "boolq", "--steps", "3", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())
+    assert sorted(r["method"] for r in rows) == ["lora", "shoft"] and all(r["rank"] == 2 for r in rows)
+    assert "| lora | 2 |" in (out / "results.md").read_text() and (out / "results.png").exists()
