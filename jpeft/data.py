@@ -1,442 +1,450 @@
-"""Thesis tasks, their PromptSource prompts, tokenization and batching.
+r"""The thesis' seven commonsense tasks and the LLM-Adapters format: loading, prompts, batches.
 
-Every record of the seven tasks (in its Hugging Face schema) becomes an :class:`Example`:
-a prompt, the answer choices a model scores, and the index of the correct one. Prompts and
-choices are rendered exactly as PromptSource renders the thesis' templates (its Jinja
-output, split at ``|||``, each side stripped). The model sees ``prompt + " " + choice``
-(:data:`TARGET_SEP`), both for training and for scoring.
+Records keep their Hugging Face schemas and are read from local json / jsonl / parquet files
+(or by hub name, where the hub is reachable). Each becomes an :class:`Example`: the prompt and
+answer choices rendered with the PromptSource template the thesis used (DESIGN.md §6), and the
+index of the correct choice. Bad records raise :class:`DataError` naming file, record and field;
+nothing is skipped.
 
-========= =================================== ========================================================== ==========================
-task      PromptSource template               prompt (``{field}`` = record field)                        choices
-========= =================================== ========================================================== ==========================
-boolq     super_glue/boolq                    ``Text: {passage}\\n\\nAnswer the following yes/no question: ``No``, ``Yes``
-          ``yes_no_question``                 {question}? Yes or no?``
-piqa      piqa ``what_is_the_correct_ending`` ``Goal: {goal}\\n\\nWhich is the correct ending?\\n- {sol1}\\n- ``{sol1}``, ``{sol2}``
-                                              {sol2}\\n\\nAnswer:``
-siqa      social_i_qa ``Show choices and      ``Context: {context}\\n\\nQuestion: {question}\\n\\nWhich one  ``A``, ``B``, ``C``
-          generate index``                    of these answers best answers the question according to
-                                              the context?\\n\\nA: {answerA}\\n\\nB: {answerB}\\n\\nC:
-                                              {answerC}``
-winogrande winogrande ``underscore refer to`` ``{sentence}\\nWhat does the _ in the above sentence refer   ``{option1}``, ``{option2}``
-                                              to? {option1} or {option2}?``
-arc_easy  ai2_arc                             ``Pick the most correct option to answer the following      the labels (``A``.. or
-          ``pick_the_most_correct_option``    question.\\n\\n{question}\\n\\nOptions:\\n\\n- {label}: {text}  ``1``..)
-                                              ...`` (one ``\\n\\n- {label}: {text}`` per choice)
-arc_chall ai2_arc ``qa_options``              ``{question}\\n\\nOptions:\\n- {text1}\\n- {text2}...``        the choice texts
-obqa      openbookqa ``which_correct``        ``{question_stem}\\n\\nWhich is the correct answer?\\n-       the choice texts
-                                              {text1}\\n- {text2}...``
-========= =================================== ========================================================== ==========================
+Templates (PromptSource ``templates.yaml`` rendered as PromptSource does: Jinja, split on
+``|||``, both sides stripped). ``{…}`` are record fields; ``\n`` is a newline:
 
-The texts are written from memory of promptsource's ``templates.yaml`` and agree with the
-thesis' examples (section 3); the blank lines follow from the YAML folding and the Jinja
-loop of ``pick_the_most_correct_option`` (no ``trim_blocks``).
+=============  ==============================  ==============================================  ================
+task           template                        prompt                                          choices
+=============  ==============================  ==============================================  ================
+boolq          yes_no_question                 ``Text: {passage}\n\nAnswer the following        ``No``, ``Yes``
+               (super_glue/boolq)              yes/no question: {question}? Yes or no?``       (label = answer)
+piqa           what_is_the_correct_ending      ``Goal: {goal}\n\nWhich is the correct           sol1, sol2
+                                               ending?\n- {sol1}\n- {sol2}\n\nAnswer:``
+siqa           Show choices and generate       ``Context: {context}\n\nQuestion: {question}     ``A``, ``B``,
+               index                           \n\nWhich one of these answers best answers      ``C``
+                                               the question according to the context?\n\nA:
+                                               {answerA}\n\nB: {answerB}\n\nC: {answerC}``
+winogrande     underscore refer to             ``{sentence}\nWhat does the _ in the above       option1, option2
+                                               sentence refer to? {option1} or {option2}?``
+arc_easy       pick_the_most_correct_option    ``Pick the most correct option to answer the     ``A``, ``B``, …
+                                               following question.\n\n{question}\n\n
+                                               Options:\n\n- A: {text0}\n\n- B: {text1}…``
+arc_challenge  qa_options                      ``{question}\n\nOptions:\n- {text0}\n- {text1}…``  the texts
+obqa           which_correct                   ``{question_stem}\n\nWhich is the correct         the texts
+                                               answer?\n- {text0}\n- {text1}…``
+=============  ==============================  ==============================================  ================
 
-Batches (:func:`make_batches`, :func:`scoring_batches`) are dicts of numpy arrays:
-``input_ids`` (B, L) int32, right-padded with the pad id (eos if the tokenizer has none);
-``attention_mask`` (B, L) int32; ``targets = input_ids[:, 1:]`` (B, L-1) int32; and
-``loss_mask`` (B, L-1) float32, aligned with ``targets``: 1 where ``targets`` is an answer
-token. So ``logits[:, :-1]`` of a causal LM are scored against ``targets``.
+Deviation: PromptSource's ``pick_the_most_correct_option`` hard-codes the letters A–D (zip
+drops a fifth option, and records keyed "1".."4" get the target "1" for options shown as A–D);
+here every option gets the letter of its position and the target is the letter at the
+answerKey's position, which is the same for all records labelled A–D.
+
+A model scores, and is trained on, ``ANSWER_PREFIX + choice`` appended to the prompt (the
+PromptSource target follows the prompt after one space). LLM-Adapters records
+(``commonsense_170k.json``) render with the Alpaca prompts :data:`ALPACA` /
+:data:`ALPACA_INPUT` and their ``output`` is appended verbatim.
+
+Batches are dicts of numpy arrays of shape (batch, max_length), right-padded with the pad id
+(EOS where the tokenizer has none): ``input_ids``, ``attention_mask`` (int32), ``targets``
+(int32, ``targets[:, t] = input_ids[:, t + 1]``, last column and padding = pad id) and
+``loss_mask`` (float32, aligned with ``targets``: 1 exactly where the target is an answer token
+or the EOS closing it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
-import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
-from typing import Any, Union
+import pathlib
+import string
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
-import tokenizers
 
-ASSETS = Path(__file__).parent / "assets"
-SAMPLE_DIR = ASSETS / "sample_data"
-#: Bundled LLM-Adapters-format instructions (30 records, like ``commonsense_170k.json``).
-SAMPLE_INSTRUCTIONS = SAMPLE_DIR / "commonsense_mini.json"
-TOKENIZER_FILE = ASSETS / "tokenizer" / "tokenizer.json"
-EOT = "<|endoftext|>"
-#: Joins a prompt and an answer choice: the model sees ``prompt + TARGET_SEP + choice``.
-TARGET_SEP = " "
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
-
-#: LLM-Adapters / Alpaca prompts; the training target (``output``) follows directly.
-INSTRUCTION_PROMPT = (
-    "Below is an instruction that describes a task. Write a response that appropriately "
-    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+TASKS = ("boolq", "piqa", "siqa", "winogrande", "arc_easy", "arc_challenge", "obqa")
+HUB_NAMES = {
+    "boolq": ("google/boolq", None),
+    "piqa": ("ybisk/piqa", None),
+    "siqa": ("allenai/social_i_qa", None),
+    "winogrande": ("allenai/winogrande", "winogrande_l"),
+    "arc_easy": ("allenai/ai2_arc", "ARC-Easy"),
+    "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge"),
+    "obqa": ("allenai/openbookqa", "main"),
+}
+TEMPLATES = {
+    "boolq": "yes_no_question",
+    "piqa": "what_is_the_correct_ending",
+    "siqa": "Show choices and generate index",
+    "winogrande": "underscore refer to",
+    "arc_easy": "pick_the_most_correct_option",
+    "arc_challenge": "qa_options",
+    "obqa": "which_correct",
+}
+ANSWER_PREFIX = " "
+"""Put between a prompt and the choice a model scores or is trained on."""
+ASSETS = pathlib.Path(__file__).parent / "assets"
+ALPACA = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
 )
-INSTRUCTION_PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further "
-    "context. Write a response that appropriately completes the request.\n\n"
+ALPACA_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
+EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")  # looked up in a raw tokenizers.Tokenizer
 
-Tokenizer = Union["transformers.PreTrainedTokenizerBase", tokenizers.Tokenizer]  # noqa: F821
-Batch = dict[str, np.ndarray]
+PathLike = str | os.PathLike
 
 
 class DataError(ValueError):
-    """A bad record or file; the message names the file, the record index and the field."""
-
-    def __init__(self, file: str | os.PathLike, message: str, *, index: int | None = None,
-                 field: str | None = None):
-        self.file, self.index, self.field = str(file), index, field
-        where = "".join([f", record {index}" if index is not None else "",
-                         f", field {field!r}" if field is not None else ""])
-        super().__init__(f"{file}{where}: {message}")
+    """A record (or file) that cannot be used; the message names the file, record and field."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One rendered task record: the model scores ``prompt + TARGET_SEP + choices[i]``."""
+    """One rendered record: the model scores ``prompt + ANSWER_PREFIX + choice`` per choice."""
 
     prompt: str
     choices: tuple[str, ...]
-    label: int  # index of the correct choice
+    label: int
     task: str
-    source: str  # "file:record-index", to find the record again
+    source: str  # "file:record_index"
 
 
-@dataclasses.dataclass(frozen=True)
-class _Record:
-    """A raw record with its origin, whose accessors raise :class:`DataError`."""
-
-    data: Mapping[str, Any]
-    file: str
-    index: int
-
-    def error(self, field: str | None, message: str) -> DataError:
-        return DataError(self.file, message, index=self.index, field=field)
-
-    def get(self, field: str, kind: type | tuple[type, ...] = str) -> Any:
-        if field not in self.data or self.data[field] is None:
-            raise self.error(field, "missing field")
-        value = self.data[field]
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise self.error(field, f"expected {getattr(kind, '__name__', kind)}, got {value!r}")
-        return value
-
-    def pick(self, field: str, allowed: Sequence[Any]) -> int:
-        """The index of the field's value within ``allowed`` (a label out of range raises)."""
-        value = self.data.get(field)
-        if field not in self.data:
-            raise self.error(field, "missing field")
-        if value not in allowed or isinstance(value, bool) != isinstance(allowed[0], bool):
-            raise self.error(field, f"label {value!r} out of range; expected one of {list(allowed)}")
-        return list(allowed).index(value)
-
-    def choices(self) -> tuple[list[str], list[str]]:
-        """ARC/OBQA ``choices``: (texts, labels), non-empty and of equal length."""
-        choices = self.get("choices", Mapping)
-        texts, labels = choices.get("text"), choices.get("label")
-        if not isinstance(texts, Sequence) or not isinstance(labels, Sequence) or not texts:
-            raise self.error("choices", f"no choices (need non-empty text and label lists), got {choices!r}")
-        if len(texts) != len(labels) or not all(isinstance(s, str) for s in [*texts, *labels]):
-            raise self.error("choices", f"text and label must be lists of strings of equal length, got {choices!r}")
-        return list(texts), list(labels)
+# ----------------------------------------------------------------------- templates
 
 
-def _boolq(r: _Record) -> tuple[str, list[str], int]:
-    prompt = (f"Text: {r.get('passage')}\n\nAnswer the following yes/no question: "
-              f"{r.get('question')}? Yes or no?")
-    return prompt, ["No", "Yes"], r.pick("answer", [False, True])
+def _field(r: dict, name: str, where: str):
+    if r.get(name) is None:
+        raise DataError(f"{where}: missing field {name!r} (fields: {sorted(r)})")
+    return r[name]
 
 
-def _piqa(r: _Record) -> tuple[str, list[str], int]:
-    sol1, sol2 = r.get("sol1"), r.get("sol2")
-    prompt = f"Goal: {r.get('goal')}\n\nWhich is the correct ending?\n- {sol1}\n- {sol2}\n\nAnswer:"
-    return prompt, [sol1, sol2], r.pick("label", [0, 1])
+def _text(r: dict, name: str, where: str) -> str:
+    value = _field(r, name, where)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {name!r} = {value!r} is not a string")
+    return value
 
 
-def _siqa(r: _Record) -> tuple[str, list[str], int]:
-    prompt = (f"Context: {r.get('context')}\n\nQuestion: {r.get('question')}\n\nWhich one of these "
-              "answers best answers the question according to the context?\n\n"
-              f"A: {r.get('answerA')}\n\nB: {r.get('answerB')}\n\nC: {r.get('answerC')}")
-    return prompt, ["A", "B", "C"], r.pick("label", ["1", "2", "3"])
+def _index(r: dict, name: str, n: int, where: str, base: int = 0) -> int:
+    """Field ``name`` as a choice index in [0, n) (stored as ``base``-based int or digit string)."""
+    value = _field(r, name, where)
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError
+        k = int(value) - base
+    except ValueError:
+        raise DataError(f"{where}: field {name!r} = {value!r} is not a valid label") from None
+    if not 0 <= k < n:
+        raise DataError(f"{where}: field {name!r} = {value!r} is out of range for {n} choices")
+    return k
 
 
-def _winogrande(r: _Record) -> tuple[str, list[str], int]:
-    sentence, option1, option2 = r.get("sentence"), r.get("option1"), r.get("option2")
+def _keyed_choices(r: dict, where: str) -> tuple[list[str], list[str], int]:
+    """(texts, labels, index of answerKey) of an ARC / OpenBookQA record."""
+    choices = _field(r, "choices", where)
+    texts, labels = (choices.get("text"), choices.get("label")) if isinstance(choices, dict) else (None, None)
+    if not texts:
+        raise DataError(f"{where}: field 'choices' has no choices: {choices!r}")
+    if not (isinstance(texts, list) and isinstance(labels, list) and len(texts) == len(labels)
+            and all(isinstance(x, str) for x in texts + labels)):
+        raise DataError(f"{where}: field 'choices' needs equally long string lists 'text' and 'label': {choices!r}")
+    key = _field(r, "answerKey", where)
+    if key not in labels:
+        raise DataError(f"{where}: field 'answerKey' = {key!r} is not one of the choice labels {labels}")
+    return texts, labels, labels.index(key)
+
+
+Rendered = tuple[str, tuple[str, ...], int]
+
+
+def _boolq(r: dict, w: str) -> Rendered:
+    answer = _field(r, "answer", w)
+    if not isinstance(answer, bool):
+        raise DataError(f"{w}: field 'answer' = {answer!r} is not a bool")
+    prompt = f"Text: {_text(r, 'passage', w)}\n\nAnswer the following yes/no question: {_text(r, 'question', w)}? Yes or no?"
+    return prompt, ("No", "Yes"), int(answer)
+
+
+def _piqa(r: dict, w: str) -> Rendered:
+    sol1, sol2 = _text(r, "sol1", w), _text(r, "sol2", w)
+    prompt = f"Goal: {_text(r, 'goal', w)}\n\nWhich is the correct ending?\n- {sol1}\n- {sol2}\n\nAnswer:"
+    return prompt, (sol1, sol2), _index(r, "label", 2, w)
+
+
+def _siqa(r: dict, w: str) -> Rendered:
+    options = "\n\n".join(f"{c}: {_text(r, f'answer{c}', w)}" for c in "ABC")
+    prompt = (
+        f"Context: {_text(r, 'context', w)}\n\nQuestion: {_text(r, 'question', w)}\n\n"
+        f"Which one of these answers best answers the question according to the context?\n\n{options}"
+    )
+    return prompt, ("A", "B", "C"), _index(r, "label", 3, w, base=1)
+
+
+def _winogrande(r: dict, w: str) -> Rendered:
+    sentence, option1, option2 = _text(r, "sentence", w), _text(r, "option1", w), _text(r, "option2", w)
     if "_" not in sentence:
-        raise r.error("sentence", f"no '_' blank in {sentence!r}")
+        raise DataError(f"{w}: field 'sentence' has no '_' blank: {sentence!r}")
     prompt = f"{sentence}\nWhat does the _ in the above sentence refer to? {option1} or {option2}?"
-    return prompt, [option1, option2], r.pick("answer", ["1", "2"])
+    return prompt, (option1, option2), _index(r, "answer", 2, w, base=1)
 
 
-def _arc_easy(r: _Record) -> tuple[str, list[str], int]:
-    texts, labels = r.choices()
-    options = "".join(f"\n- {label}: {text}\n" for label, text in zip(labels, texts))
-    prompt = ("Pick the most correct option to answer the following question.\n\n"
-              f"{r.get('question')}\n\nOptions:\n{options}")
-    return prompt, labels, r.pick("answerKey", labels)
+def _arc_easy(r: dict, w: str) -> Rendered:
+    texts, _, label = _keyed_choices(r, w)
+    letters = tuple(string.ascii_uppercase[: len(texts)])
+    options = "".join(f"\n\n- {letter}: {t}" for letter, t in zip(letters, texts))
+    prompt = f"Pick the most correct option to answer the following question.\n\n{_text(r, 'question', w)}\n\nOptions:{options}"
+    return prompt, letters, label
 
 
-def _arc_challenge(r: _Record) -> tuple[str, list[str], int]:
-    texts, labels = r.choices()
-    prompt = f"{r.get('question')}\n\nOptions:\n- " + "\n- ".join(texts)
-    return prompt, texts, r.pick("answerKey", labels)
+def _arc_challenge(r: dict, w: str) -> Rendered:
+    texts, _, label = _keyed_choices(r, w)
+    return f"{_text(r, 'question', w)}\n\nOptions:\n- " + "\n- ".join(texts), tuple(texts), label
 
 
-def _obqa(r: _Record) -> tuple[str, list[str], int]:
-    texts, labels = r.choices()
-    prompt = f"{r.get('question_stem')}\n\nWhich is the correct answer?\n- " + "\n- ".join(texts)
-    return prompt, texts, r.pick("answerKey", labels)
+def _obqa(r: dict, w: str) -> Rendered:
+    texts, _, label = _keyed_choices(r, w)
+    return f"{_text(r, 'question_stem', w)}\n\nWhich is the correct answer?\n- " + "\n- ".join(texts), tuple(texts), label
 
 
-@dataclasses.dataclass(frozen=True)
-class Task:
-    """Where a task lives on the hub and how its records are rendered."""
-
-    hub: str
-    config: str | None
-    template: str  # PromptSource template name
-    render: Callable[[_Record], tuple[str, list[str], int]]
-
-
-TASKS: dict[str, Task] = {
-    "boolq": Task("google/boolq", None, "yes_no_question", _boolq),
-    "piqa": Task("ybisk/piqa", None, "what_is_the_correct_ending", _piqa),
-    "siqa": Task("allenai/social_i_qa", None, "Show choices and generate index", _siqa),
-    "winogrande": Task("allenai/winogrande", "winogrande_l", "underscore refer to", _winogrande),
-    "arc_easy": Task("allenai/ai2_arc", "ARC-Easy", "pick_the_most_correct_option", _arc_easy),
-    "arc_challenge": Task("allenai/ai2_arc", "ARC-Challenge", "qa_options", _arc_challenge),
-    "obqa": Task("allenai/openbookqa", "main", "which_correct", _obqa),
+RENDERERS: dict[str, Callable[[dict, str], Rendered]] = {
+    "boolq": _boolq, "piqa": _piqa, "siqa": _siqa, "winogrande": _winogrande,
+    "arc_easy": _arc_easy, "arc_challenge": _arc_challenge, "obqa": _obqa,
 }
 
 
-def _task(name: str) -> Task:
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
-    return TASKS[name]
+# ------------------------------------------------------------------------- loading
 
 
-def sample_path(task: str, split: str) -> Path:
-    """Path of the bundled sample file of ``task`` (``split``: "train" or "validation")."""
-    _task(task)
-    if split not in ("train", "validation"):
-        raise ValueError(f"no bundled split {split!r}; expected 'train' or 'validation'")
-    return SAMPLE_DIR / task / f"{split}.jsonl"
-
-
-def read_records(file: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a .jsonl, .json (an array or JSON lines) or .parquet file.
-
-    Raises :class:`DataError` for an empty file, unparsable JSON or a non-object record.
-    """
-    file = Path(file)
-    if file.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        records = pq.read_table(file).to_pylist()
-    elif file.suffix in (".json", ".jsonl"):
-        text = file.read_text(encoding="utf-8")
-        if file.suffix == ".json" and text.lstrip().startswith("["):
+def _json_lines(text: str, path: str) -> list:
+    records = []
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if line.strip():
             try:
-                records = json.loads(text)
+                records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise DataError(file, f"invalid JSON: {e}") from None
-        else:
-            lines = [line for line in text.splitlines() if line.strip()]
-            records = []
-            for i, line in enumerate(lines):
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(file, f"invalid JSON line: {e}", index=i) from None
-    else:
-        raise DataError(file, f"unsupported file type; expected one of {FILE_SUFFIXES}")
-    if not records:
-        raise DataError(file, "empty file (no records)")
-    for i, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise DataError(file, f"expected a JSON object, got {record!r}", index=i)
+                raise DataError(f"{path}: line {line_no}: invalid JSON ({e})") from None
     return records
 
 
-def _files(path: str | os.PathLike | Sequence[str | os.PathLike], split: str) -> list[Path]:
-    if not isinstance(path, (str, os.PathLike)):
-        return [Path(p) for p in path]
-    path = Path(path)
-    if not path.is_dir():
-        return [path]
-    found = [path / f"{split}{s}" for s in FILE_SUFFIXES if (path / f"{split}{s}").exists()]
-    if not found:
-        raise FileNotFoundError(f"no {split}{{{','.join(FILE_SUFFIXES)}}} in {path}")
-    return found
+def read_records(path: PathLike) -> list[dict]:
+    """The records of one file: ``.jsonl``, ``.json`` (an array, ``{"data": [...]}`` or JSON
+    lines) or ``.parquet``. An empty file or a record that is not an object is a DataError."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(path)
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
 
-
-def load_task(name: str, split: str, *, path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-              limit: int | None = None) -> list[Example]:
-    """Load and render the ``split`` of task ``name`` (one of :data:`TASKS`).
-
-    ``path``: a .jsonl/.json/.parquet file, a list of them, or a directory holding
-    ``{split}.jsonl`` (or .json/.parquet), with the fields of the task's HF schema. Without
-    ``path`` the split is loaded from the hub with ``datasets.load_dataset``. ``limit`` keeps
-    the first records. Every bad record raises :class:`DataError`; none is dropped.
-    """
-    task = _task(name)
-    if path is None:
-        sources = [(f"{task.hub}:{task.config or 'default'}:{split}", _hub_records(name, task, split))]
+        records = pq.read_table(path).to_pylist()
+    elif path.endswith((".json", ".jsonl")):
+        text = pathlib.Path(path).read_text(encoding="utf-8")
+        try:
+            records = json.loads(text) if path.endswith(".json") else _json_lines(text, path)
+        except json.JSONDecodeError:  # a .json file holding JSON lines (or nothing), as `datasets` accepts
+            records = _json_lines(text, path)
+        if isinstance(records, dict):
+            if not isinstance(records.get("data"), list):
+                raise DataError(f"{path}: a JSON object file needs a 'data' list of records")
+            records = records["data"]
     else:
-        sources = [(str(f), read_records(f)) for f in _files(path, split)]
+        raise DataError(f"{path}: unsupported file type (use .jsonl, .json or .parquet)")
+    if not records:
+        raise DataError(f"{path}: the file holds no records")
+    for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise DataError(f"{path}: record {i}: a record must be an object, got {type(r).__name__}")
+    return records
+
+
+def _hub_records(name: str, split: str) -> tuple[list[dict], str]:
+    hub, subset = HUB_NAMES[name]
+    try:
+        import datasets
+
+        return list(datasets.load_dataset(hub, subset, split=split)), f"{hub}/{subset or 'default'}/{split}"
+    except Exception as e:  # noqa: BLE001 - whatever failed, the way out is a local file
+        raise RuntimeError(
+            f"could not load {hub} ({subset or 'default'}, {split}) with datasets.load_dataset: {e}. "
+            f"Pass path= a local .jsonl/.json/.parquet file with the dataset's fields, e.g. {sample_path(name, 'train')}"
+        ) from e
+
+
+def load_task(name: str, split: str = "train", *, path: PathLike | Sequence[PathLike] | None = None,
+              limit: int | None = None) -> list[Example]:
+    """The examples of task ``name`` (one of :data:`TASKS`), rendered with its template.
+
+    ``path``: local file(s) with the Hugging Face dataset's fields (``split`` is then only a
+    label); without it the dataset is loaded from the hub by name. ``limit`` keeps the first
+    ``limit`` records. ``Example.source`` is ``"file:record_index"``.
+    """
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
+    if path is None:
+        records, origin = _hub_records(name, split)
+        sources = [(origin, i, r) for i, r in enumerate(records)]
+    else:
+        paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+        sources = [(os.fspath(p), i, r) for p in paths for i, r in enumerate(read_records(p))]
     examples = []
-    for file, records in sources:
-        for i, data in enumerate(records):
-            if limit is not None and len(examples) >= limit:
-                return examples
-            prompt, choices, label = task.render(_Record(data, file, i))
-            examples.append(Example(prompt.strip(), tuple(c.strip() for c in choices), label, name, f"{file}:{i}"))
+    for origin, i, r in sources[:limit]:
+        prompt, choices, label = RENDERERS[name](r, f"{origin}: record {i}")
+        examples.append(Example(prompt, choices, label, name, f"{origin}:{i}"))
     return examples
 
 
-def _hub_records(name: str, task: Task, split: str) -> Iterable[Mapping[str, Any]]:
-    import datasets
-
-    try:
-        return datasets.load_dataset(task.hub, task.config, split=split)
-    except Exception as e:
-        e.add_note(f"jpeft.data.load_task({name!r}, {split!r}) could not load {task.hub!r} from the "
-                   "Hugging Face hub; pass path= to local .jsonl/.json/.parquet file(s) with its fields "
-                   f"(e.g. jpeft.data.sample_path({name!r}, 'train'))")
-        raise
+def sample_path(task: str, split: str) -> pathlib.Path:
+    """The bundled sample file of ``task`` for ``split`` (only ``train`` and ``validation`` exist)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    return ASSETS / "sample_data" / task / f"{split}.jsonl"
 
 
-def load_instructions(path: str | os.PathLike) -> list[tuple[str, str]]:
-    """(prompt, target) pairs from LLM-Adapters records (instruction, input, output, answer).
-
-    The prompt is :data:`INSTRUCTION_PROMPT` (or :data:`INSTRUCTION_PROMPT_WITH_INPUT` when
-    ``input`` is non-empty); the target is ``output``, appended without separator.
-    """
+def load_instructions(path: PathLike, limit: int | None = None) -> list[tuple[str, str]]:
+    """(prompt, target) pairs of an LLM-Adapters file (``commonsense_170k.json`` records with
+    instruction, input, output, answer): the Alpaca prompt, and ``output`` as the target."""
     pairs = []
-    for i, data in enumerate(read_records(path)):
-        r = _Record(data, str(path), i)
-        instruction, output = r.get("instruction"), r.get("output")
-        extra = data.get("input") or ""
-        if not isinstance(extra, str):
-            raise r.error("input", f"expected str, got {extra!r}")
-        template = INSTRUCTION_PROMPT_WITH_INPUT if extra else INSTRUCTION_PROMPT
-        pairs.append((template.format(instruction=instruction, input=extra), output))
+    for i, r in enumerate(read_records(path)[:limit]):
+        where = f"{os.fspath(path)}: record {i}"
+        instruction, output = _text(r, "instruction", where), _text(r, "output", where)
+        _text(r, "answer", where)
+        text = r.get("input") or ""
+        if not isinstance(text, str):
+            raise DataError(f"{where}: field 'input' = {text!r} is not a string")
+        prompt = ALPACA_INPUT.format(instruction=instruction, input=text) if text else ALPACA.format(instruction=instruction)
+        pairs.append((prompt, output))
     return pairs
 
 
-def training_pairs(examples: Iterable[Example]) -> list[tuple[str, str]]:
-    """(prompt, ``TARGET_SEP + correct choice``) for each example."""
-    return [(ex.prompt, TARGET_SEP + ex.choices[ex.label]) for ex in examples]
+def training_pairs(examples: Sequence[Example]) -> list[tuple[str, str]]:
+    """(prompt, ``ANSWER_PREFIX`` + correct choice) per example, for :func:`encode_pairs`."""
+    return [(ex.prompt, ANSWER_PREFIX + ex.choices[ex.label]) for ex in examples]
 
 
-def default_tokenizer() -> "transformers.PreTrainedTokenizerFast":  # noqa: F821
-    """The bundled byte-level BPE (1024 tokens; ``<|endoftext|>`` is bos, eos and pad)."""
+# ---------------------------------------------------------------------- tokenizing
+
+
+def default_tokenizer():
+    """The bundled byte-level BPE (1024 tokens; ``<|endoftext|>`` = 0 is bos, eos and pad)."""
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_FILE), bos_token=EOT, eos_token=EOT,
-                                   pad_token=EOT)
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(ASSETS / "tokenizer" / "tokenizer.json"),
+        bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+    )
 
 
-def encode(tokenizer: Tokenizer, text: str) -> list[int]:
-    """Token ids of ``text`` without special tokens, for a HF or a ``tokenizers`` tokenizer."""
-    if isinstance(tokenizer, tokenizers.Tokenizer):
-        return tokenizer.encode(text, add_special_tokens=False).ids
-    return list(tokenizer.encode(text, add_special_tokens=False))
+def _is_raw(tokenizer) -> bool:
+    import tokenizers
+
+    return isinstance(tokenizer, tokenizers.Tokenizer)
 
 
-def special_ids(tokenizer: Tokenizer) -> tuple[int, int]:
-    """(eos id, pad id); the pad id falls back to eos. A raw ``tokenizers.Tokenizer`` uses
-    ``<|endoftext|>`` as eos and its padding id if padding is enabled."""
-    if isinstance(tokenizer, tokenizers.Tokenizer):
-        eos = tokenizer.token_to_id(EOT)
-        pad = tokenizer.padding["pad_id"] if tokenizer.padding else eos
+def _token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens, in one batched call."""
+    if not texts:
+        return []
+    if _is_raw(tokenizer):
+        return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def special_ids(tokenizer) -> tuple[int, int]:
+    """(eos id, pad id) of a Hugging Face or raw ``tokenizers`` tokenizer; pad falls back to eos."""
+    if _is_raw(tokenizer):
+        eos = next((i for i in map(tokenizer.token_to_id, EOS_TOKENS) if i is not None), None)
+        pad = (tokenizer.padding or {}).get("pad_id")
     else:
-        eos = tokenizer.eos_token_id
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    if eos is None or pad is None:
-        raise ValueError(f"tokenizer has no eos token ({EOT!r} for a tokenizers.Tokenizer); set one")
-    return eos, pad
+        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if eos is None:
+        raise ValueError(f"the tokenizer has no EOS token (a raw tokenizer needs one of {EOS_TOKENS})")
+    return eos, eos if pad is None else pad
 
 
-def _encode_pairs(pairs: Sequence[tuple[str, str]], tokenizer: Tokenizer, max_length: int,
-                  add_eos: bool) -> list[tuple[list[int], int]]:
-    """(token ids, number of answer tokens at the end) per pair; prompts are cut on the left."""
-    if not pairs:
-        raise ValueError("no (prompt, answer) pairs")
-    eos = special_ids(tokenizer)[0]
-    out = []
-    for i, (prompt, answer) in enumerate(pairs):
-        p, a = encode(tokenizer, prompt), encode(tokenizer, answer) + [eos] * add_eos
-        if not p or not a:
-            raise ValueError(f"pair {i}: empty {'prompt' if not p else 'answer'} ({prompt[:60]!r}, {answer[:60]!r})")
-        if len(a) >= max_length:
-            raise ValueError(f"pair {i}: the answer has {len(a)} tokens, so it does not fit with a prompt "
-                             f"token in max_length={max_length}: {answer[:60]!r}")
-        out.append((p[max(0, len(p) + len(a) - max_length):] + a, len(a)))
-    return out
+@dataclasses.dataclass(frozen=True)
+class EncodedPairs:
+    """Tokenized prompt + answer sequences, padded only when batched by :func:`collate`."""
+
+    sequences: tuple[tuple[int, ...], ...]
+    answer_starts: tuple[int, ...]  # index of the first answer token in each sequence
+    max_length: int
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.sequences)
 
 
-def _collate(seqs: Sequence[tuple[list[int], int]], pad_id: int, max_length: int,
-             pad_to_multiple: int | None) -> Batch:
-    longest = max(len(ids) for ids, _ in seqs)
-    length = max_length if pad_to_multiple is None else min(max_length, -(-longest // pad_to_multiple) * pad_to_multiple)
-    input_ids = np.full((len(seqs), length), pad_id, np.int32)
-    attention_mask = np.zeros((len(seqs), length), np.int32)
-    loss_mask = np.zeros((len(seqs), length - 1), np.float32)
-    for row, (ids, n_answer) in enumerate(seqs):
-        input_ids[row, :len(ids)] = ids
-        attention_mask[row, :len(ids)] = 1
-        loss_mask[row, len(ids) - n_answer - 1:len(ids) - 1] = 1  # targets[t] = input_ids[t + 1]
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "targets": input_ids[:, 1:],
-            "loss_mask": loss_mask}
+def _join(prompt: list[int], answer: list[int], max_length: int, where: str) -> tuple[tuple[int, ...], int]:
+    """Prompt + answer, cutting the prompt on the left to fit; at least one prompt token stays
+    so that the first answer token is a target."""
+    if len(answer) > max_length - 1:
+        raise DataError(f"{where}: the answer has {len(answer)} tokens, max_length={max_length} leaves room for {max_length - 1}")
+    if not prompt:
+        raise DataError(f"{where}: the prompt has no tokens")
+    prompt = prompt[max(0, len(prompt) + len(answer) - max_length):]
+    return tuple(prompt + answer), len(prompt)
 
 
-def steps_per_epoch(n: int, batch_size: int, drop_last: bool = False) -> int:
-    """Number of batches one pass over ``n`` pairs gives."""
-    return n // batch_size if drop_last else math.ceil(n / batch_size)
+def encode_pairs(pairs: Sequence[tuple[str, str]], tokenizer, max_length: int, *, add_eos: bool = True) -> EncodedPairs:
+    """Tokenize each (prompt, answer) once: prompt tokens + answer tokens (+ EOS). The answer is
+    used verbatim (:func:`training_pairs` already prefixes it). Too long: the prompt is cut on
+    the left; an answer that cannot fit raises DataError."""
+    eos, pad = special_ids(tokenizer)
+    prompts = _token_ids(tokenizer, [p for p, _ in pairs])
+    answers = _token_ids(tokenizer, [a for _, a in pairs])
+    joined = [_join(p, a + [eos] * add_eos, max_length, f"pair {i}") for i, (p, a) in enumerate(zip(prompts, answers))]
+    return EncodedPairs(tuple(s for s, _ in joined), tuple(k for _, k in joined), max_length, pad)
 
 
-def make_batches(pairs: Sequence[tuple[str, str]], tokenizer: Tokenizer, *, batch_size: int, max_length: int,
-                 shuffle: bool = True, seed: int = 0, epochs: int | None = 1, start_step: int = 0,
-                 drop_last: bool = False, pad_to_multiple: int | None = 64, add_eos: bool = True) -> Iterator[Batch]:
-    """Training batches of (prompt, answer) pairs; ``loss_mask`` is 1 on the answer tokens.
+def collate(encoded: EncodedPairs, rows: Sequence[int]) -> dict[str, np.ndarray]:
+    """The right-padded batch of the given rows (fields: see the module docstring)."""
+    n, length = len(rows), encoded.max_length
+    ids = np.full((n, length), encoded.pad_id, np.int32)
+    attention = np.zeros((n, length), np.int32)
+    loss_mask = np.zeros((n, length), np.float32)
+    for b, row in enumerate(rows):
+        seq, start = encoded.sequences[row], encoded.answer_starts[row]
+        ids[b, : len(seq)] = seq
+        attention[b, : len(seq)] = 1
+        loss_mask[b, start - 1 : len(seq) - 1] = 1  # targets[t] = ids[t + 1] is an answer token
+    targets = np.concatenate([ids[:, 1:], np.full((n, 1), encoded.pad_id, np.int32)], axis=1)
+    return {"input_ids": ids, "attention_mask": attention, "targets": targets, "loss_mask": loss_mask}
 
-    Each sequence is ``encode(prompt) + encode(answer) + [eos if add_eos]``, cut from the left
-    of the prompt to ``max_length``. Epoch ``e`` visits the pairs in the order
-    ``np.random.default_rng((seed, e)).permutation(n)`` (in order without ``shuffle``); steps
-    count across epochs, so ``start_step=k`` yields exactly what the full stream yields from
-    its ``k``-th batch on (a resumed run sees the same data). ``epochs=None`` repeats forever.
-    The sequence length is the longest in the batch rounded up to ``pad_to_multiple``, capped at
-    ``max_length`` (always ``max_length`` if ``pad_to_multiple`` is None). The last batch of an
-    epoch is smaller unless ``drop_last``.
+
+def steps_per_epoch(n: int, batch_size: int, drop_last: bool = True) -> int:
+    """Number of batches :func:`batches` yields for ``n`` sequences."""
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
+def batches(encoded: EncodedPairs, *, batch_size: int, seed: int, epoch: int = 0, start: int = 0,
+            shuffle: bool = True, drop_last: bool = True) -> Iterator[dict[str, np.ndarray]]:
+    """The batches of one epoch in an order fixed by ``(seed, epoch)``. ``start`` skips the
+    first ``start`` batches, so a resumed run continues its data stream exactly. Without
+    ``drop_last`` the last batch may have fewer rows."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(encoded)) if shuffle else np.arange(len(encoded))
+    for step in range(start, steps_per_epoch(len(encoded), batch_size, drop_last)):
+        yield collate(encoded, order[step * batch_size : (step + 1) * batch_size].tolist())
+
+
+def choice_batches(examples: Sequence[Example], tokenizer, *, batch_size: int, max_length: int) -> Iterator[dict[str, np.ndarray]]:
+    """Scoring batches: one row per (example, choice), ``prompt + ANSWER_PREFIX + choice`` with
+    ``loss_mask`` exactly on the choice tokens (no EOS).
+
+    Extra int32 fields: ``example_index``, ``choice_index`` and ``choice_chars`` (the choice's
+    length in characters, for length-normalized accuracy). The last batch is filled up to
+    ``batch_size`` with rows whose ``example_index`` and ``choice_index`` are -1 (copies of its
+    first row's tokens with ``loss_mask`` 0), so every batch has the same shape.
     """
-    seqs = _encode_pairs(pairs, tokenizer, max_length, add_eos)
-    pad_id = special_ids(tokenizer)[1]
-    per_epoch = steps_per_epoch(len(seqs), batch_size, drop_last)
-    if per_epoch == 0:
-        raise ValueError(f"{len(seqs)} pairs make no full batch of {batch_size} with drop_last=True")
-    stop = None if epochs is None else epochs * per_epoch
-    order, order_epoch = None, -1
-    for step in itertools.islice(itertools.count(start_step), None if stop is None else max(0, stop - start_step)):
-        epoch, pos = divmod(step, per_epoch)
-        if epoch != order_epoch:
-            order = np.random.default_rng((seed, epoch)).permutation(len(seqs)) if shuffle else np.arange(len(seqs))
-            order_epoch = epoch
-        yield _collate([seqs[i] for i in order[pos * batch_size:(pos + 1) * batch_size]], pad_id, max_length,
-                       pad_to_multiple)
-
-
-def scoring_batches(examples: Sequence[Example], tokenizer: Tokenizer, *, batch_size: int, max_length: int,
-                    pad_to_multiple: int | None = 64) -> Iterator[Batch]:
-    """Multiple-choice scoring batches: one row per (example, choice), in order.
-
-    A row is ``encode(prompt) + encode(TARGET_SEP + choice)`` (no eos) and its ``loss_mask``
-    covers exactly the choice tokens, so ``sum(logprob * loss_mask)`` is the choice's
-    log-likelihood and ``loss_mask.sum(-1)`` its token length. Besides the arrays of
-    :func:`make_batches`, rows carry ``example`` and ``choice`` (int32 indices).
-    """
-    rows = [(e, c) for e, ex in enumerate(examples) for c in range(len(ex.choices))]
-    seqs = _encode_pairs([(examples[e].prompt, TARGET_SEP + examples[e].choices[c]) for e, c in rows],
-                         tokenizer, max_length, add_eos=False)
-    pad_id = special_ids(tokenizer)[1]
-    for start in range(0, len(rows), batch_size):
-        batch = _collate(seqs[start:start + batch_size], pad_id, max_length, pad_to_multiple)
-        index = np.asarray(rows[start:start + batch_size], np.int32)
-        yield batch | {"example": index[:, 0], "choice": index[:, 1]}
+    pad = special_ids(tokenizer)[1]
+    prompts = _token_ids(tokenizer, [ex.prompt for ex in examples])
+    owners = [(e, c, len(choice)) for e, ex in enumerate(examples) for c, choice in enumerate(ex.choices)]
+    answers = _token_ids(tokenizer, [ANSWER_PREFIX + examples[e].choices[c] for e, c, _ in owners])
+    joined = [_join(prompts[e], a, max_length, f"{examples[e].source}, choice {c}") for (e, c, _), a in zip(owners, answers)]
+    encoded = EncodedPairs(tuple(s for s, _ in joined), tuple(k for _, k in joined), max_length, pad)
+    for first in range(0, len(owners), batch_size):
+        rows = list(range(first, min(first + batch_size, len(owners))))
+        fill = batch_size - len(rows)
+        batch = collate(encoded, rows + [rows[0]] * fill)
+        batch["loss_mask"][len(rows):] = 0
+        meta = np.array([owners[r] for r in rows] + [(-1, -1, 0)] * fill, np.int32).reshape(-1, 3)
+        batch.update(example_index=meta[:, 0], choice_index=meta[:, 1], choice_chars=meta[:, 2])
+        yield batch

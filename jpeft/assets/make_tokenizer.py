@@ -1,7 +1,8 @@
-"""Train the bundled demo tokenizer: byte-level BPE, 1024 tokens, ``<|endoftext|>`` = 0.
+"""Train the bundled demo tokenizer: byte-level BPE, 1024 tokens, ``<|endoftext|>`` = id 0.
 
-Run ``PYTHONPATH=. python jpeft/assets/make_tokenizer.py`` from the repository root; the corpus is the bundled sample data
-rendered through the task templates, so the result is reproducible offline.
+Run ``python -m jpeft.assets.make_tokenizer`` from the repository root (offline, deterministic): the corpus is the
+bundled sample data rendered through the task templates (prompt + every scored choice) and
+the LLM-Adapters sample, so the common template words become single tokens.
 """
 
 import pathlib
@@ -9,6 +10,10 @@ import pathlib
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from jpeft import data
+
+VOCAB_SIZE = 1024
+EOS = "<|endoftext|>"
+OUT = pathlib.Path(__file__).parent / "tokenizer" / "tokenizer.json"
 
 
 def corpus():
@@ -20,14 +25,19 @@ def corpus():
         yield prompt + target
 
 
-if __name__ == "__main__":
+def train() -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=1024, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=VOCAB_SIZE, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
     tok.train_from_iterator(corpus(), trainer)
-    out = pathlib.Path(__file__).parent / "tokenizer" / "tokenizer.json"
-    tok.save(str(out))
-    print(f"wrote {out} ({tok.get_vocab_size()} tokens)")
+    assert tok.get_vocab_size() == VOCAB_SIZE and tok.token_to_id(EOS) == 0, tok.get_vocab_size()
+    return tok
+
+
+if __name__ == "__main__":
+    OUT.parent.mkdir(exist_ok=True)
+    train().save(str(OUT))
+    print(f"wrote {OUT} ({VOCAB_SIZE} tokens, {OUT.stat().st_size} bytes)")
