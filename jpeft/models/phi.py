@@ -109,14 +109,14 @@ class Spec:
     @classmethod
     def from_config(cls, cfg: PhiConfig) -> "Spec":
         """Read a ``PhiConfig``; NotImplementedError for variants this port does not cover."""
+        rope_type = _rope_value(cfg, "rope_type", _rope_value(cfg, "type", "default"))
         unsupported = {
             "qk_layernorm=True": getattr(cfg, "qk_layernorm", False),
             f"hidden_act={cfg.hidden_act!r} (supported: {_GELU_TANH})": cfg.hidden_act not in _GELU_TANH,
             "tie_word_embeddings=True": getattr(cfg, "tie_word_embeddings", False),
             "grouped-query attention (num_key_value_heads != num_attention_heads)":
                 (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) != cfg.num_attention_heads,
-            f"rope type {_rope_value(cfg, 'rope_type', _rope_value(cfg, 'type', 'default'))!r}":
-                _rope_value(cfg, "rope_type", _rope_value(cfg, "type", "default")) != "default",
+            f"rope type {rope_type!r}": rope_type != "default",
         }
         bad = [what for what, hit in unsupported.items() if hit]
         if bad:
