@@ -11,7 +11,9 @@ devices, parameters are replicated, and XLA inserts the gradient all-reduce.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import time
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -19,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
 
-from jpeft import core
+from jpeft import checkpoint, core, data
 
 PyTree = Any
 Array = jax.Array
@@ -44,9 +47,8 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("warmup_steps",):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         for name in ("epochs", "batch_size", "grad_accum", "max_length"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -216,13 +218,6 @@ def fit(
     ``run_dir/log.jsonl``; the final adapter to ``run_dir/adapter``.
     Returns the trained adapted tree and the logged records.
     """
-    import json
-    import time
-
-    from tqdm.auto import tqdm
-
-    from jpeft import checkpoint, data
-
     os.makedirs(run_dir, exist_ok=True)
     per_epoch = data.steps_per_epoch(len(encoded), config.batch_size, drop_last=True)
     if per_epoch == 0:
