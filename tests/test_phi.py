@@ -267,6 +267,10 @@ def test_bad_input_and_unsupported_configs(loaded, ids):
         model.apply({"params": params}, jnp.zeros((1, 65), jnp.int32))
     with pytest.raises(ValueError, match="exceed max_position_embeddings 64"):
         phi.generate(model, params, jnp.asarray(ids), max_new_tokens=60)
+    with pytest.raises(ValueError, match="left-padded prompts"):
+        phi.generate(model, params, jnp.asarray(ids), jnp.asarray(ids > 50).at[:, -1].set(False), max_new_tokens=2)
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+        phi.from_pretrained("/nonexistent/phi")
     with pytest.raises(NotImplementedError, match="qk_layernorm"):
         phi.make_model(PhiConfig(**TINY, qk_layernorm=True))
     with pytest.raises(NotImplementedError, match="grouped-query"):

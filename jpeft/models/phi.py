@@ -431,6 +431,8 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, dtype: DType = jnp.float3
     from safetensors import safe_open
 
     directory = os.fspath(path_or_hub_id)
+    if not os.path.isdir(directory) and (os.path.exists(directory) or directory.startswith(("/", ".", "~"))):
+        raise FileNotFoundError(f"{directory} is not a checkpoint directory (config.json + *.safetensors)")
     if not os.path.isdir(directory):
         from huggingface_hub import snapshot_download
 
@@ -531,10 +533,10 @@ def generate(
 ) -> Array:
     """Greedy (``temperature=0``) or sampled decoding over a fixed-size key/value cache.
 
-    Prompts may be left-padded (``attention_mask``). ``params`` may be adapted (nodes).
-    Rows that produced an ``eos_token_id`` continue with ``pad_token_id`` (default: the
-    first EOS id, else 0); decoding stops early once every row is done. Returns int32
-    (batch, prompt + max_new_tokens).
+    Prompts may be left-padded (``attention_mask``); right padding is a ValueError.
+    ``params`` may be adapted (nodes). Rows that produced an ``eos_token_id`` continue
+    with ``pad_token_id`` (default: the first EOS id, else 0); decoding stops early once
+    every row is done. Returns int32 (batch, prompt + max_new_tokens).
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -550,6 +552,9 @@ def generate(
     if t + max_new_tokens > model.spec.max_positions:
         raise ValueError(f"prompt {t} + {max_new_tokens} new tokens exceed max_position_embeddings {model.spec.max_positions}")
     mask = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
+    _check_shape("attention_mask", mask, (b, t))
+    if not bool(mask[:, -1].all()):
+        raise ValueError("generate needs left-padded prompts: attention_mask[:, -1] must be 1 in every row")
     eos = () if eos_token_id is None else tuple(jnp.atleast_1d(jnp.asarray(eos_token_id)).tolist())
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     step = functools.partial(_decode_step, model, params, sampling=(float(temperature), top_k, top_p), eos=eos, pad=pad)
