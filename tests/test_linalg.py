@@ -104,3 +104,19 @@ def test_svd_float64_reconstructs_to_float32_precision():
     u, s, v = jax.jit(linalg.svd_float64)(a)
     rel = np.linalg.norm((u * s) @ v.T - a) / np.linalg.norm(a)
     assert rel < 1e-6
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(dim=st.integers(2, 12), count=st.integers(1, 6), seed=st.integers(0, 2**16), zero=st.booleans())
+def test_cwy_property_any_shape(dim, count, seed, zero):
+    """For any vectors (a zero one included), CWY = explicit product, and it is orthogonal."""
+    with jax.enable_x64(True):
+        u = jax.random.normal(jax.random.key(seed), (dim, count), jnp.float64)
+        if zero:
+            u = u.at[:, seed % count].set(0.0)
+        h = linalg.householder_product(u)
+        np.testing.assert_allclose(h, explicit_reflections(u), atol=1e-10)
+        np.testing.assert_allclose(h @ h.T, np.eye(dim), atol=1e-10)
