@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -117,7 +116,3 @@ def write_table(table: dict, key: str, out: str, title: str) -> str:
     fig.savefig(os.path.join(out, "results.png"), dpi=120)
     plt.close(fig)
     return md
-
-
-def as_dict(obj) -> dict:
-    return dataclasses.asdict(obj)

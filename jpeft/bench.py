@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any
 
 #: Dense bf16 peak FLOP/s by device kind (substring match on ``device_kind``).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "RTX 3090": 71e12}

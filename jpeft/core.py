@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
