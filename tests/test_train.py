@@ -160,3 +160,36 @@ def test_scoring_picks_the_answer_the_model_prefers(setup):
     res = evaluation.evaluate(model, rigged, flip, tok, batch_size=4, max_length=32)
     assert (res["predictions"][0]["prediction"], res["predictions"][0]["prediction_norm"]) == (1, 0)
     assert (res["accuracy"], res["accuracy_norm"]) == (0.0, 1.0)
+
+
+def test_interrupted_run_keeps_its_last_step(setup, tmp_path, monkeypatch):
+    """Ctrl-C in the middle of an epoch: the completed steps are checkpointed, and a new
+    run in the same directory continues from there."""
+    model, params, _, encoded = setup
+    adapted = jpeft.apply(params, "oft", key=jax.random.key(7), block_size=8)
+    real_batches = data.batches
+
+    def interrupted(*args, **kwargs):
+        for i, batch in enumerate(real_batches(*args, **kwargs)):
+            if i == 2:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(train.data, "batches", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(model, adapted, encoded, CONFIG, str(tmp_path), max_steps=5, checkpoint_every=100, progress=False)
+    assert checkpoint.Checkpointer(tmp_path / "checkpoints").latest_step() == 2
+    monkeypatch.setattr(train.data, "batches", real_batches)
+    _, records = train.fit(model, adapted, encoded, CONFIG, str(tmp_path), max_steps=5, log_every=1, progress=False)
+    assert [r["step"] for r in records] == [3, 4, 5]
+
+
+def test_cli_trains_on_llm_adapters_instructions(tmp_path):
+    from jpeft import cli
+
+    cli.main(["train", "--model", "tiny", "--method", "lora", "--tasks", "boolq", "--dtype", "float32", "--batch-size", "4",
+              "--max-length", "192", "--steps", "3", "--log-every", "1", "--run-dir", str(tmp_path),
+              "--instructions", str(data.ASSETS / "sample_data" / "commonsense_mini.json")])
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in log)
+    assert json.loads((tmp_path / "run.json").read_text())["instructions"].endswith("commonsense_mini.json")
