@@ -37,17 +37,19 @@ def parse_hparams(items: list[str]) -> dict[str, dict]:
     return out
 
 
-def cmd_count(args) -> None:
+def print_counts(model: str, methods, targets=None, hparams=None, as_json: bool = False) -> None:
     from jpeft import report
 
-    rows = report.count_table(
-        abstract_model(args.model), args.methods, targets=args.targets, hparams=parse_hparams(args.set)
-    )
-    if args.json:
+    rows = report.count_table(abstract_model(model), methods, targets=targets, hparams=hparams)
+    if as_json:
         print(json.dumps(rows, indent=2))
     else:
-        print(f"Parameter counts for {args.model} (targets: {args.targets or 'Q/K/V'}):\n")
+        print(f"Parameter counts for {model} (targets: {targets or 'Q/K/V'}):\n")
         print(report.format_table(rows))
+
+
+def cmd_count(args) -> None:
+    print_counts(args.model, args.methods, args.targets, parse_hparams(args.set), args.json)
 
 
 def cmd_demo(args) -> None:
@@ -86,8 +88,7 @@ def cmd_demo(args) -> None:
         print(f"   {task:14s} validation accuracy {r['accuracy']:.3f} (n={r['n']}; a random-weight model: chance level)")
 
     print("\n3. Phi-1.5 parameter counts (Q/K/V targets, thesis hyper-parameters), from shapes only:\n")
-    args.model, args.methods, args.targets, args.set, args.json = "phi-1.5", THESIS_METHODS, None, [], False
-    cmd_count(args)
+    print_counts("phi-1.5", THESIS_METHODS)
 
 
 def cmd_bench(args) -> None:

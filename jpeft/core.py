@@ -231,6 +231,11 @@ def count_params(adapted: PyTree) -> dict:
     }
 
 
+def uses_dropout(kernel: Any) -> bool:
+    """Whether ``kernel`` is a node whose method applies dropout in training."""
+    return is_node(kernel) and getattr(kernel.config, "dropout", 0) > 0
+
+
 def linear(x: Array, kernel: Array | Node, *, dropout_key: Array | None = None, path: str = "auto") -> Array:
     """``x @ W'`` for a plain kernel or a node, in the dtype of ``x``.
 
@@ -247,8 +252,8 @@ def linear(x: Array, kernel: Array | Node, *, dropout_key: Array | None = None, 
     if path == "auto":
         tokens = math.prod(x.shape[:-1])
         factored_cost, materialized_cost = spec.flops(kernel, tokens)
-        uses_dropout = dropout_key is not None and getattr(kernel.config, "dropout", 0) > 0
-        path = "factored" if uses_dropout or factored_cost <= materialized_cost else "materialized"
+        dropping = dropout_key is not None and uses_dropout(kernel)
+        path = "factored" if dropping or factored_cost <= materialized_cost else "materialized"
     if path == "factored":
         return spec.factored(x, kernel, dropout_key)
     return x @ spec.materialize(kernel).astype(x.dtype)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import data
+from jpeft import data, train
 
 PyTree = Any
 
@@ -26,8 +26,7 @@ def make_score_fn(model) -> Callable:
 
     def score(params, batch):
         logits = model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"])
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        token_logp = jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+        token_logp = train.target_logprobs(logits, batch["targets"])
         mask = batch["loss_mask"].astype(jnp.float32)
         return jnp.sum(token_logp * mask, axis=-1), jnp.sum(mask, axis=-1)
 

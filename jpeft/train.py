@@ -96,13 +96,17 @@ def init_state(trainable: PyTree, tx: optax.GradientTransformation, seed: int) -
     return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable), jax.random.key_data(jax.random.key(seed)))
 
 
-def token_loss(logits: Array, targets: Array, mask: Array) -> tuple[Array, Array]:
-    """Summed negative log-likelihood of ``targets`` under ``logits`` where ``mask`` is set,
-    in float32, and the number of such tokens."""
+def target_logprobs(logits: Array, targets: Array) -> Array:
+    """``log p(targets)`` per position, from float32 log-softmax of ``logits``."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def token_loss(logits: Array, targets: Array, mask: Array) -> tuple[Array, Array]:
+    """Summed negative log-likelihood of ``targets`` where ``mask`` is set, in float32,
+    and the number of such tokens."""
     mask = mask.astype(jnp.float32)
-    return jnp.sum(nll * mask), jnp.sum(mask)
+    return -jnp.sum(target_logprobs(logits, targets) * mask), jnp.sum(mask)
 
 
 def lm_loss_fn(model) -> Callable:

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 from transformers import PhiConfig
 
-from jpeft.core import linear
+from jpeft.core import linear, uses_dropout
 from jpeft.node import is_node
 
 Array = jax.Array
@@ -160,8 +160,7 @@ class Linear(nn.Module):
         else:
             kernel = self.param("kernel", nn.initializers.normal(self.init_std), shape, self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-        wants_dropout = is_node(kernel) and getattr(kernel.config, "dropout", 0) > 0
-        key = self.make_rng("dropout") if wants_dropout and not deterministic else None
+        key = self.make_rng("dropout") if uses_dropout(kernel) and not deterministic else None
         y = linear(x.astype(self.dtype), kernel, dropout_key=key)
         return y + bias.astype(y.dtype)
 
