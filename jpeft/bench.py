@@ -1,30 +1,44 @@
 """Training-step benchmark: jpeft methods (and optionally HF PEFT, eager and compiled).
 
 Each configuration runs in its own subprocess, so compile caches and the device's peak
-memory counter start clean. A worker builds the model with random weights, applies the
-method, compiles the real train step (AdamW over the trainable partition), runs
+memory counter start clean. A jpeft worker builds the model with random weights, applies
+the method, compiles the real train step (AdamW over the trainable partition), runs
 ``warmup`` steps, then times ``steps`` steps one by one (each synchronized with
-``block_until_ready``) and reports the median. Model FLOP utilization counts the work a
-frozen-base PEFT step must do, forward plus backward to activations: ``4 · N · T`` for
-the ``N`` matmul parameters and ``T`` tokens, plus attention's ``8 · L · T · S · d``
-(DESIGN.md §4), over the device's dense bf16 peak.
+``block_until_ready``) and reports the median and quartiles. It also records what XLA's
+compiled step says of itself: its FLOP count and its memory (arguments + outputs −
+donated + temporaries), which a CPU can compute at full Phi-1.5 size with
+``compile_only`` (nothing is allocated or run) to check the cost model and the memory
+budget without a GPU.
+
+Model FLOP utilization counts the work a frozen-base PEFT step must do, forward plus
+backward to activations: ``4 · N · T`` for the ``N`` matmul parameters and ``T`` tokens,
+plus attention's ``8 · L · T · S · d / 2`` (causal), over the device's bf16 peak
+(DESIGN.md §4). HF PEFT runs use fp32 master weights under bf16 autocast, as the
+anchors of DESIGN.md §4 were measured, on exactly the modules jpeft targets.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib.metadata
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
 import time
+from typing import Callable
 
-#: Dense bf16 peak FLOP/s by device kind (substring match on ``device_kind``).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "RTX 3090": 71e12}
+#: bf16 peak FLOP/s by device kind (substring of ``device_kind`` or torch's device name).
+#: H100/H200: the ≈790 TFLOP/s the issue's targets are stated against (DESIGN.md §4; the
+#: datasheet's dense figure is 989); others: datasheet dense figures. ``peak_tflops`` overrides.
+PEAK_FLOPS = {"H100": 790e12, "H200": 790e12, "A100": 312e12, "L4": 121e12, "RTX 3090": 71e12}
 
 METHOD_ORDER = ("lora", "dora", "lokr", "oft", "boft", "shoft", "rhoft")
+#: The Householder methods; with ``--peft`` they are compared with PEFT's HRA.
+HOUSEHOLDER = ("shoft", "rhoft")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,22 +53,64 @@ class BenchConfig:
     warmup: int = 3
     steps: int = 10
     hparams: dict = dataclasses.field(default_factory=dict)  # {method: {name: value}}
+    compile_only: bool = False  # compile at abstract shapes: XLA's FLOP and memory, no timing
+    peak_tflops: float | None = None  # overrides PEAK_FLOPS for MFU
+    remat: str = "none"  # jpeft.models.phi.REMAT_POLICIES
+
+    def __post_init__(self):
+        for name in ("batch", "seq_len", "steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be a non-negative integer, got {self.warmup!r}")
+        if not self.methods:
+            raise ValueError("methods must name at least one method")
+        from jpeft import core
+        from jpeft.models import phi
+
+        if self.remat not in phi.REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(phi.REMAT_POLICIES)}, got {self.remat!r}")
+        if self.model not in phi.NAMED_CONFIGS:
+            raise ValueError(f"model must be one of {sorted(phi.NAMED_CONFIGS)}, got {self.model!r}")
+        for name in ("compute_dtype", "param_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
+        for method in self.methods:
+            core.make_config(method, **self.hparams.get(method, {}))  # names the bad method or value
+        extra = set(self.hparams) - set(self.methods) - {"hra"}
+        if extra:
+            raise ValueError(f"hyper-parameters given for {sorted(extra)}, which are not among the methods {list(self.methods)}")
 
 
 def model_flops_per_step(config, tokens: int, seq_len: int) -> float:
-    """``4·N·T`` for the matmul parameters (embedding lookup excluded) + attention."""
+    """``4·N·T`` for the matmul parameters (embedding lookup excluded) + causal attention."""
     h, layers, inter, vocab = config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size
     n_matmul = layers * (4 * h * h + 2 * h * inter) + h * vocab
     attention = 8.0 * layers * tokens * seq_len * h / 2  # causal: half of QKᵀ and PV
     return 4.0 * n_matmul * tokens + attention
 
 
-def peak_flops(device) -> float | None:
-    kind = getattr(device, "device_kind", "")
-    return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+def peak_flops(device_name: str, override_tflops: float | None = None) -> float | None:
+    if override_tflops:
+        return override_tflops * 1e12
+    return next((v for k, v in PEAK_FLOPS.items() if k in device_name), None)
 
 
-def _timed(fn, warmup: int, steps: int) -> tuple[float, list[float]]:
+def compiled_analysis(compiled) -> dict:
+    """XLA's own account of a compiled step: FLOP and memory (arguments + outputs −
+    donated aliases + temporaries, in GiB)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    mem = compiled.memory_analysis()
+    estimate = None
+    if mem is not None:
+        estimate = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+                    + mem.temp_size_in_bytes) / 2**30
+    return {"xla_tflop_per_step": cost["flops"] / 1e12 if cost and "flops" in cost else None,
+            "memory_estimate_gib": estimate}
+
+
+def _timed(fn: Callable[[], None], warmup: int, steps: int) -> list[float]:
     for _ in range(warmup):
         fn()
     times = []
@@ -62,11 +118,25 @@ def _timed(fn, warmup: int, steps: int) -> tuple[float, list[float]]:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times), times
+    return times
+
+
+def timing_fields(times: list[float], tokens: int, flops: float, peak: float | None) -> dict:
+    """Median step time with its quartiles, tokens/s and model FLOP utilization."""
+    median = statistics.median(times)
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else (median,) * 3
+    return {
+        "step_ms": 1e3 * median,
+        "step_ms_q1": 1e3 * q1,
+        "step_ms_q3": 1e3 * q3,
+        "step_ms_all": [1e3 * t for t in times],
+        "tokens_per_s": tokens / median,
+        "mfu": flops / median / peak if peak else None,
+    }
 
 
 def run_jpeft(cfg: BenchConfig, method: str) -> dict:
-    """Time one jpeft method (runs in a worker process)."""
+    """Compile (and unless ``compile_only``, time) one jpeft method; runs in a worker."""
     import jax
     import jax.numpy as jnp
 
@@ -74,50 +144,54 @@ def run_jpeft(cfg: BenchConfig, method: str) -> dict:
     from jpeft import train
     from jpeft.models import phi
 
-    dtype, pdtype = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
     config = phi.config(cfg.model)
-    model, params = phi.init(config, jax.random.key(0), dtype=dtype, param_dtype=pdtype)
-    adapted = jpeft.apply(params, method, key=jax.random.key(1), targets=list(cfg.targets) if cfg.targets else None,
-                          **cfg.hparams.get(method, {}))
-    del params
-    trainable, frozen = jpeft.partition(adapted)
-    tcfg = train.TrainConfig(batch_size=cfg.batch, warmup_steps=10, compute_dtype=cfg.compute_dtype)
-    tx = train.optimizer(tcfg, 1000)
-    state = train.init_state(trainable, tx, 0)
-    ids = jax.random.randint(jax.random.key(2), (cfg.batch, cfg.seq_len), 0, config.vocab_size, jnp.int32)
-    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "targets": jnp.roll(ids, -1, axis=1),
-             "loss_mask": jnp.ones(ids.shape, jnp.float32)}
+    model = phi.make_model(config, cfg.compute_dtype, cfg.param_dtype, cfg.remat)
+    targets = list(cfg.targets) if cfg.targets else None
+
+    def build(key):
+        params = model.init(key, jnp.zeros((1, 1), jnp.int32))["params"]
+        return jpeft.apply(params, method, key=jax.random.fold_in(key, 1), targets=targets, **cfg.hparams.get(method, {}))
+
+    tx = train.optimizer(train.TrainConfig(batch_size=cfg.batch, warmup_steps=10, compute_dtype=cfg.compute_dtype), 1000)
+    make_state = lambda trainable: train.init_state(trainable, tx, 0)  # noqa: E731
+    shape = (cfg.batch, cfg.seq_len)
+    if cfg.compile_only:  # shapes only: a full-size model compiles on a laptop
+        adapted = jax.eval_shape(build, jax.random.key(0))
+        trainable, frozen = jpeft.partition(adapted)
+        state = jax.eval_shape(make_state, trainable)
+        batch = {k: jax.ShapeDtypeStruct(shape, d) for k, d in
+                 (("input_ids", jnp.int32), ("attention_mask", jnp.int32), ("targets", jnp.int32), ("loss_mask", jnp.float32))}
+    else:
+        adapted = build(jax.random.key(0))
+        trainable, frozen = jpeft.partition(adapted)
+        state = make_state(trainable)
+        ids = jax.random.randint(jax.random.key(2), shape, 0, config.vocab_size, jnp.int32)
+        batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "targets": jnp.roll(ids, -1, axis=1),
+                 "loss_mask": jnp.ones(shape, jnp.float32)}
     step = train.make_train_step(train.lm_loss_fn(model), tx, 1)
     start = time.perf_counter()
     compiled = step.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - start
-    memory = compiled.memory_analysis()
+
+    device = jax.devices()[0]
+    device_name = f"{device.platform}:{getattr(device, 'device_kind', '')}"
+    tokens = cfg.batch * cfg.seq_len
+    flops = model_flops_per_step(config, tokens, cfg.seq_len)
+    result = {"impl": "jpeft", "method": method, "device": device_name, "model_tflop_per_step": flops / 1e12,
+              "compile_s": compile_s, "trainable": jpeft.count_params(adapted)["trainable"], **compiled_analysis(compiled)}
+    if cfg.compile_only:
+        return result
     holder = {"state": state}
 
     def one():
         holder["state"], metrics = compiled(holder["state"], frozen, batch)
         jax.block_until_ready(metrics["loss"])
 
-    median, times = _timed(one, cfg.warmup, cfg.steps)
-    device = jax.devices()[0]
+    times = _timed(one, cfg.warmup, cfg.steps)
     stats = device.memory_stats() or {}
-    tokens = cfg.batch * cfg.seq_len
-    flops = model_flops_per_step(config, tokens, cfg.seq_len)
-    peak = peak_flops(device)
-    return {
-        "impl": "jpeft",
-        "method": method,
-        "step_ms": 1e3 * median,
-        "step_ms_all": [1e3 * t for t in times],
-        "tokens_per_s": tokens / median,
-        "mfu": flops / median / peak if peak else None,
-        "model_tflop_per_step": flops / 1e12,
-        "peak_memory_gib": stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None,
-        "compiled_temp_gib": getattr(memory, "temp_size_in_bytes", 0) / 2**30 if memory else None,
-        "compile_s": compile_s,
-        "trainable": jpeft.count_params(adapted)["trainable"],
-        "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
-    }
+    result.update(timing_fields(times, tokens, flops, peak_flops(device_name, cfg.peak_tflops)))
+    result["peak_memory_gib"] = stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
+    return result
 
 
 PEFT_CONFIGS = {
@@ -130,20 +204,35 @@ PEFT_CONFIGS = {
 }
 
 
+def hf_target_modules(cfg: BenchConfig) -> list[str]:
+    """The transformers module names of the kernels jpeft's ``cfg.targets`` select, so
+    PEFT adapts exactly the same layers."""
+    import jax
+    import jax.numpy as jnp
+
+    import jpeft
+    from jpeft.models import phi
+
+    model = phi.make_model(phi.config(cfg.model))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    paths = jpeft.match_targets(shapes, list(cfg.targets) if cfg.targets else None)
+    return [phi.hf_name(tuple(p.split("/")))[0].removesuffix(".weight") for p in paths]
+
+
 def run_peft(cfg: BenchConfig, method: str, compiled: bool) -> dict:
     """Time HF PEFT (torch) on the same configuration: fp32 master weights, bf16 autocast, AdamW."""
     import peft
     import torch
+    from transformers import PhiForCausalLM
 
     from jpeft.models import phi
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    device_name = f"{device}:{torch.cuda.get_device_name() if device == 'cuda' else platform.processor()}"
     torch.manual_seed(0)
     config = phi.config(cfg.model)
-    from transformers import PhiForCausalLM
-
     model = PhiForCausalLM(config).to(device)
-    cls, kwargs = PEFT_CONFIGS[method](["q_proj", "k_proj", "v_proj"], cfg.hparams.get(method, {}))
+    cls, kwargs = PEFT_CONFIGS[method](hf_target_modules(cfg), cfg.hparams.get(method, {}))
     model = peft.get_peft_model(model, getattr(peft, cls)(**kwargs))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     ids = torch.randint(0, config.vocab_size, (cfg.batch, cfg.seq_len), device=device)
@@ -162,28 +251,27 @@ def run_peft(cfg: BenchConfig, method: str, compiled: bool) -> dict:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    one()
+    one()  # the first step compiles under torch.compile
     compile_s = time.perf_counter() - start
-    median, times = _timed(one, cfg.warmup, cfg.steps)
+    times = _timed(one, cfg.warmup, cfg.steps)
     tokens = cfg.batch * cfg.seq_len
+    flops = model_flops_per_step(config, tokens, cfg.seq_len)
     return {
         "impl": "peft-compiled" if compiled else "peft-eager",
         "method": method,
-        "step_ms": 1e3 * median,
-        "step_ms_all": [1e3 * t for t in times],
-        "tokens_per_s": tokens / median,
-        "mfu": None,
+        "device": device_name,
+        "model_tflop_per_step": flops / 1e12,
+        **timing_fields(times, tokens, flops, peak_flops(device_name, cfg.peak_tflops)),
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
         "compile_s": compile_s,
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "device": device,
     }
 
 
 def _worker(payload: str) -> None:
     job = json.loads(payload)
-    cfg = BenchConfig(**{**job["config"], "methods": tuple(job["config"]["methods"]),
-                         "targets": tuple(job["config"]["targets"]) if job["config"]["targets"] else None})
+    c = job["config"]
+    cfg = BenchConfig(**{**c, "methods": tuple(c["methods"]), "targets": tuple(c["targets"]) if c["targets"] else None})
     if job["impl"] == "jpeft":
         result = run_jpeft(cfg, job["method"])
     else:
@@ -191,72 +279,157 @@ def _worker(payload: str) -> None:
     print("JPEFT_BENCH_RESULT " + json.dumps(result))
 
 
-def run(cfg: BenchConfig, *, peft: bool = False, peft_modes: tuple[str, ...] = ("eager", "compiled"),
-        timeout: float = 1800) -> list[dict]:
-    """Every method of ``cfg`` (and HF PEFT's ``peft_modes`` runs if ``peft``), one subprocess each."""
-    jobs = [("jpeft", m) for m in cfg.methods]
+def jobs(cfg: BenchConfig, peft: bool, peft_modes: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(impl, method) pairs: every jpeft method, then PEFT's counterparts per mode (PEFT's
+    HRA stands in for the Householder methods, which PEFT lacks)."""
+    out = [("jpeft", m) for m in cfg.methods]
     if peft:
-        jobs += [(f"peft-{mode}", m) for mode in peft_modes for m in cfg.methods if m in PEFT_CONFIGS]
-    results = []
-    for impl, method in jobs:
-        payload = json.dumps({"impl": impl, "method": method, "config": dataclasses.asdict(cfg)})
+        if cfg.compile_only:
+            raise ValueError("--peft times HF PEFT and cannot be combined with compile_only")
+        bad = set(peft_modes) - {"eager", "compiled"}
+        if bad:
+            raise ValueError(f"peft_modes must be 'eager' and/or 'compiled', got {sorted(bad)}")
+        ours = [m for m in cfg.methods if m in PEFT_CONFIGS]
+        if any(m in HOUSEHOLDER for m in cfg.methods):
+            ours.append("hra")
+        out += [(f"peft-{mode}", m) for mode in peft_modes for m in ours]
+    return out
+
+
+def _run_job(impl: str, method: str, cfg: BenchConfig, timeout: float) -> dict:
+    payload = json.dumps({"impl": impl, "method": method, "config": dataclasses.asdict(cfg)})
+    try:
         proc = subprocess.run([sys.executable, "-m", "jpeft.bench", payload], capture_output=True, text=True, timeout=timeout)
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("JPEFT_BENCH_RESULT ")), None)
-        if line is None:
-            results.append({"impl": impl, "method": method, "error": (proc.stderr or proc.stdout)[-2000:]})
-        else:
-            results.append(json.loads(line.split(" ", 1)[1]))
-        r = results[-1]
-        print(f"  {impl:14s} {method:6s} " + (f"{r['step_ms']:9.1f} ms/step" if "step_ms" in r else "FAILED"), flush=True)
-    lora = next((r["step_ms"] for r in results if r["impl"] == "jpeft" and r["method"] == "lora" and "step_ms" in r), None)
+    except subprocess.TimeoutExpired:
+        return {"impl": impl, "method": method, "error": f"timed out after {timeout:.0f} s"}
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("JPEFT_BENCH_RESULT ")), None)
+    if line is None:
+        return {"impl": impl, "method": method, "error": (proc.stderr or proc.stdout)[-2000:]}
+    return json.loads(line.split(" ", 1)[1])
+
+
+def add_ratios(results: list[dict]) -> None:
+    """``x_jpeft_lora``: step time over jpeft's LoRA step; ``x_impl_lora``: over the same
+    implementation's LoRA step; ``x_lora_flop``: XLA FLOP over jpeft LoRA's."""
+    def lora(impl, key):
+        return next((r[key] for r in results if r["impl"] == impl and r["method"] == "lora" and r.get(key)), None)
+
     for r in results:
-        if lora and "step_ms" in r:
-            r["x_jpeft_lora"] = r["step_ms"] / lora
+        for name, impl, key in (("x_jpeft_lora", "jpeft", "step_ms"), ("x_impl_lora", r["impl"], "step_ms"),
+                                ("x_lora_flop", "jpeft", "xla_tflop_per_step")):
+            ref = lora(impl, key)
+            if ref and r.get(key):
+                r[name] = r[key] / ref
+
+
+def run(cfg: BenchConfig, *, peft: bool = False, peft_modes: tuple[str, ...] = ("eager", "compiled"),
+        timeout: float = 1800, on_result: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Every method of ``cfg`` (and HF PEFT's ``peft_modes`` runs if ``peft``), one
+    subprocess each. A failed or timed-out job is recorded with its ``error`` and the
+    others still run; ``on_result(results_so_far)`` is called after each job (write
+    partial results there, so a long run keeps what it measured)."""
+    results: list[dict] = []
+    for impl, method in jobs(cfg, peft, peft_modes):
+        r = _run_job(impl, method, cfg, timeout)
+        results.append(r)
+        add_ratios(results)
+        shown = (f"{r['step_ms']:9.1f} ms/step" if "step_ms" in r else
+                 f"{r['xla_tflop_per_step']:9.4g} TFLOP/step" if r.get("xla_tflop_per_step") else "FAILED")
+        print(f"  {impl:14s} {method:6s} {shown}", flush=True)
+        if on_result:
+            on_result(results)
     return results
 
 
-def write_outputs(results: list[dict], cfg: BenchConfig, out_dir: str) -> dict[str, str]:
-    """Write ``bench.json``, ``bench.md`` and ``bench.png`` in ``out_dir``; return their paths."""
+def environment() -> dict:
+    """Versions, commit and flags that a benchmark result depends on."""
+    versions = {}
+    for pkg in ("jax", "jaxlib", "flax", "optax", "torch", "peft", "transformers"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"python": platform.python_version(), "platform": platform.platform(), "commit": commit,
+            "xla_flags": os.environ.get("XLA_FLAGS"), "versions": versions}
+
+
+def _fmt(v, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def table(results: list[dict], cfg: BenchConfig, meta: dict) -> str:
+    """The markdown report: timed runs, or XLA's FLOP and memory for ``compile_only``."""
+    what = "XLA's compiled FLOP and memory (nothing run)" if cfg.compile_only else f"median of {cfg.steps} steps [quartiles]"
+    lines = [
+        f"Benchmark {meta['date']} on {meta['device']}: model {cfg.model}, batch {cfg.batch} x {cfg.seq_len}, "
+        f"{cfg.compute_dtype} compute, {cfg.param_dtype} frozen weights, remat {cfg.remat}; {what}. Commit {meta['environment']['commit']}.",
+        "",
+    ]
+    if cfg.compile_only:
+        lines += ["| method | XLA TFLOP/step | x LoRA FLOP | model TFLOP | memory estimate GiB | compile s | trainable |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+    else:
+        lines += ["| impl | method | step ms [q1, q3] | x jpeft LoRA | x own LoRA | tokens/s | MFU | peak GiB "
+                  "| XLA estimate GiB | compile s | trainable |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['impl']} | {r['method']} | failed: {r['error'].strip().splitlines()[-1][:80] if r['error'].strip() else ''} |")
+        elif cfg.compile_only:
+            lines.append(f"| {r['method']} | {_fmt(r.get('xla_tflop_per_step'), '.4g')} | {_fmt(r.get('x_lora_flop'), '.3f')} | "
+                         f"{r['model_tflop_per_step']:.4g} | {_fmt(r.get('memory_estimate_gib'), '.2f')} | "
+                         f"{r['compile_s']:.1f} | {r['trainable']:,} |")
+        else:
+            lines.append(
+                f"| {r['impl']} | {r['method']} | {r['step_ms']:.1f} [{r['step_ms_q1']:.1f}, {r['step_ms_q3']:.1f}] | "
+                f"{_fmt(r.get('x_jpeft_lora'), '.2f')} | {_fmt(r.get('x_impl_lora'), '.2f')} | {r['tokens_per_s']:,.0f} | "
+                f"{_fmt(r.get('mfu'), '.1%')} | {_fmt(r.get('peak_memory_gib'), '.2f')} | "
+                f"{_fmt(r.get('memory_estimate_gib'), '.2f')} | {r['compile_s']:.1f} | {r['trainable']:,} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], cfg: BenchConfig, meta: dict, path: str) -> None:
+    """Two panels: step time (or XLA FLOP for ``compile_only``) and memory, one bar per run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    ok = [r for r in results if "error" not in r]
+    time_key, time_label = (("xla_tflop_per_step", "XLA TFLOP per step") if cfg.compile_only
+                            else ("step_ms", "median step time (ms)"))
+    colors = {"jpeft": "tab:blue", "peft-eager": "tab:gray", "peft-compiled": "tab:orange"}
+    labels = [f"{r['method']}\n{r['impl']}" for r in ok]
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.2 * len(ok)), 4))
+    memory = [r.get("peak_memory_gib") or r.get("memory_estimate_gib") or 0 for r in ok]
+    for ax, values, label in ((axes[0], [r.get(time_key) or 0 for r in ok], time_label),
+                              (axes[1], memory, "peak memory (GiB; XLA's estimate without a device counter)")):
+        ax.bar(labels, values, color=[colors[r["impl"]] for r in ok])
+        ax.set_ylabel(label, fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+    fig.suptitle(f"{cfg.model}, batch {cfg.batch}x{cfg.seq_len}, {meta['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(results: list[dict], cfg: BenchConfig, out_dir: str) -> dict[str, str]:
+    """Write ``bench.json``, ``bench.md`` and ``bench.png`` in ``out_dir``; return their paths."""
     os.makedirs(out_dir, exist_ok=True)
     meta = {"date": datetime.date.today().isoformat(), "config": dataclasses.asdict(cfg),
-            "device": next((r.get("device") for r in results if r.get("device")), None)}
+            "device": next((r.get("device") for r in results if r.get("device")), None), "environment": environment()}
     paths = {k: os.path.join(out_dir, f"bench.{k}") for k in ("json", "md", "png")}
     with open(paths["json"], "w") as f:
         json.dump({**meta, "results": results}, f, indent=2)
-    fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
-    lines = [
-        f"Benchmark {meta['date']} on {meta['device']}: model {cfg.model}, batch {cfg.batch} x {cfg.seq_len}, "
-        f"{cfg.compute_dtype} compute, {cfg.param_dtype} frozen weights, median of {cfg.steps} steps.",
-        "",
-        "| impl | method | step ms | x jpeft LoRA | tokens/s | MFU | peak GiB | compile s | trainable |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in results:
-        if "error" in r:
-            lines.append(f"| {r['impl']} | {r['method']} | failed | | | | | | |")
-            continue
-        lines.append(
-            f"| {r['impl']} | {r['method']} | {r['step_ms']:.1f} | {fmt(r.get('x_jpeft_lora'), '.2f')} | "
-            f"{r['tokens_per_s']:,.0f} | {fmt(r.get('mfu'), '.1%')} | {fmt(r.get('peak_memory_gib'), '.2f')} | "
-            f"{r['compile_s']:.1f} | {r['trainable']:,} |"
-        )
     with open(paths["md"], "w") as f:
-        f.write("\n".join(lines) + "\n")
-    ok = [r for r in results if "step_ms" in r]
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(ok)), 4))
-    colors = {"jpeft": "tab:blue", "peft-eager": "tab:gray", "peft-compiled": "tab:orange"}
-    ax.bar([f"{r['method']}\n{r['impl']}" for r in ok], [r["step_ms"] for r in ok], color=[colors[r["impl"]] for r in ok])
-    ax.set_ylabel("median step time (ms)")
-    ax.set_title(f"{cfg.model}, batch {cfg.batch}x{cfg.seq_len}, {meta['device']}")
-    ax.tick_params(axis="x", labelsize=7)
-    fig.tight_layout()
-    fig.savefig(paths["png"], dpi=120)
-    plt.close(fig)
+        f.write(table(results, cfg, meta))
+    plot(results, cfg, meta, paths["png"])
     return paths
 
 

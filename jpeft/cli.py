@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 THESIS_METHODS = ("lora", "dora", "lokr", "oft", "boft", "shoft", "rhoft")
+REMAT_HELP = "what each layer keeps for backward: none (fastest), dots (linear outputs only), full (layer inputs only)"
 
 
 def abstract_model(name: str):
@@ -98,9 +99,13 @@ def cmd_bench(args) -> None:
         model=args.model, batch=args.batch, seq_len=args.seq_len, methods=tuple(args.methods),
         targets=tuple(args.targets) if args.targets else None, compute_dtype=args.dtype,
         param_dtype=args.param_dtype, warmup=args.warmup, steps=args.steps, hparams=parse_hparams(args.set),
+        compile_only=args.compile_only, peak_tflops=args.peak_tflops, remat=args.remat,
     )
-    print(f"Benchmarking {len(cfg.methods)} method(s) on {cfg.model}, batch {cfg.batch} x {cfg.seq_len}:")
-    results = bench.run(cfg, peft=args.peft)
+    what = "Compiling (no timing)" if cfg.compile_only else "Benchmarking"
+    print(f"{what} {len(cfg.methods)} method(s) on {cfg.model}, batch {cfg.batch} x {cfg.seq_len}:")
+    # partial results are written after every job, so a long run keeps what it measured
+    results = bench.run(cfg, peft=args.peft, timeout=args.timeout,
+                        on_result=lambda so_far: bench.write_outputs(so_far, cfg, args.out))
     paths = bench.write_outputs(results, cfg, args.out)
     print(open(paths["md"]).read())
     print("wrote " + ", ".join(paths.values()))
@@ -111,7 +116,7 @@ def _run_config(args):
 
     tcfg = train.TrainConfig(
         learning_rate=args.lr, warmup_steps=args.warmup_steps, epochs=args.epochs, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, max_length=args.max_length, compute_dtype=args.dtype, seed=args.seed,
+        grad_accum=args.grad_accum, max_length=args.max_length, compute_dtype=args.dtype, remat=args.remat, seed=args.seed,
     )
     hparams = parse_hparams([f"{args.method}.{s}" for s in args.set]).get(args.method, {})
     return pipeline.RunConfig(
@@ -160,6 +165,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--dtype", default="bfloat16", help="compute dtype (frozen weights are stored in it too)")
+    p.add_argument("--remat", default="none", help=REMAT_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-dir", default=None)
 
@@ -202,7 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--steps", type=int, default=10)
     bench.add_argument("--set", action="append", default=[], metavar="METHOD.NAME=VALUE")
-    bench.add_argument("--peft", action="store_true", help="also time HF PEFT (torch), eager and torch.compile")
+    bench.add_argument("--peft", action="store_true",
+                       help="also time HF PEFT (torch), eager and torch.compile; PEFT's HRA stands in for shoft/rhoft")
+    bench.add_argument("--compile-only", action="store_true",
+                       help="compile at abstract shapes and report XLA's FLOP and memory, without running (works on CPU at full size)")
+    bench.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak for MFU (default: by device name)")
+    bench.add_argument("--remat", default="none", help=REMAT_HELP)
+    bench.add_argument("--timeout", type=float, default=1800, help="seconds allowed per job")
     bench.add_argument("--out", default="runs/bench", help="output directory for JSON, markdown and PNG")
     bench.set_defaults(func=cmd_bench)
 

@@ -121,6 +121,7 @@ def finetune(cfg: RunConfig, run_dir: str, *, max_steps=None, stop_at=None, chec
         json.dump(to_jsonable(cfg), f, indent=2)
     dtype = jnp.dtype(cfg.train.compute_dtype)
     model, params, hf_config = load_model(cfg.model, dtype, dtype, cfg.seed)
+    model = model.clone(remat=cfg.train.remat)
     tokenizer = load_tokenizer(cfg)
     adapted = core.apply(params, cfg.method, key=jax.random.key(cfg.seed), targets=list(cfg.targets) if cfg.targets else None,
                          **cfg.hparams)

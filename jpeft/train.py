@@ -44,9 +44,12 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     max_length: int = 256
     compute_dtype: str = "bfloat16"
+    remat: str = "none"  # what each layer keeps for backward: none / dots / full (jpeft.models.phi.REMAT_POLICIES)
     seed: int = 0
 
     def __post_init__(self):
+        from jpeft.models.phi import REMAT_POLICIES
+
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         for name in ("epochs", "batch_size", "grad_accum", "max_length"):
@@ -58,6 +61,8 @@ class TrainConfig:
             raise ValueError(f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
         if self.compute_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"compute_dtype must be float32, bfloat16 or float16, got {self.compute_dtype!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
 
 
 def schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
@@ -97,9 +102,13 @@ def init_state(trainable: PyTree, tx: optax.GradientTransformation, seed: int) -
 
 
 def target_logprobs(logits: Array, targets: Array) -> Array:
-    """``log p(targets)`` per position, from float32 log-softmax of ``logits``."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    """``log p(targets)`` per position, in float32.
+
+    optax's ``logit[target] - logsumexp(logits)`` never forms the (batch, length, vocab)
+    log-softmax, whose float32 copy is the step's largest activation after the logits.
+    """
+    labels = targets.astype(jnp.int32)
+    return -optax.losses.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
 def token_loss(logits: Array, targets: Array, mask: Array) -> tuple[Array, Array]:

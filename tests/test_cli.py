@@ -45,20 +45,54 @@ def test_train_then_eval_with_the_adapter(tmp_path, capsys):
 
 
 def test_bench_smoke_writes_json_table_and_plot(tmp_path):
-    cfg = bench.BenchConfig(model="tiny", batch=2, seq_len=32, methods=("lora", "rhoft"), warmup=1, steps=2,
+    cfg = bench.BenchConfig(model="tiny", batch=2, seq_len=32, methods=("lora", "rhoft"), warmup=1, steps=3,
                             compute_dtype="float32", param_dtype="float32")
-    results = bench.run(cfg, peft=True, peft_modes=("eager",), timeout=300)
-    assert [(r["impl"], r["method"]) for r in results] == [("jpeft", "lora"), ("jpeft", "rhoft"), ("peft-eager", "lora")]
+    seen = []
+    results = bench.run(cfg, peft=True, peft_modes=("eager",), timeout=300, on_result=lambda so_far: seen.append(len(so_far)))
+    assert seen == [1, 2, 3, 4]  # partial results are handed out after every job
+    # PEFT has no SHOFT/RHOFT: its Householder method HRA is timed in their place
+    assert [(r["impl"], r["method"]) for r in results] == [
+        ("jpeft", "lora"), ("jpeft", "rhoft"), ("peft-eager", "lora"), ("peft-eager", "hra")]
     assert all("error" not in r for r in results), results
-    assert all(r["step_ms"] > 0 and r["tokens_per_s"] > 0 and r["compile_s"] > 0 for r in results)
-    assert results[0]["x_jpeft_lora"] == 1.0
-    assert results[2]["trainable"] == results[0]["trainable"]  # same LoRA on both sides
+    for r in results:
+        assert r["step_ms_q1"] <= r["step_ms"] <= r["step_ms_q3"] and len(r["step_ms_all"]) == 3
+        assert r["tokens_per_s"] > 0 and r["compile_s"] > 0 and r["model_tflop_per_step"] > 0
+    assert results[0]["x_jpeft_lora"] == 1.0 and results[2]["x_impl_lora"] == 1.0
+    assert results[3]["x_impl_lora"] == results[3]["step_ms"] / results[2]["step_ms"]
+    assert results[2]["trainable"] == results[0]["trainable"]  # the same LoRA on the same modules
+    assert results[0]["xla_tflop_per_step"] > 0 and results[0]["memory_estimate_gib"] > 0
     paths = bench.write_outputs(results, cfg, str(tmp_path))
     data = json.load(open(paths["json"]))
-    assert data["config"]["model"] == "tiny" and len(data["results"]) == 3
+    assert data["config"]["model"] == "tiny" and len(data["results"]) == 4
+    assert data["environment"]["versions"]["jax"] and data["environment"]["python"]
     table = open(paths["md"]).read()
-    assert "| jpeft | rhoft |" in table and "| peft-eager | lora |" in table
+    assert "| jpeft | rhoft |" in table and "| peft-eager | hra |" in table
     assert open(paths["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_compile_only_and_bad_configs(tmp_path, capsys):
+    cli.main(["bench", "--compile-only", "--methods", "lora", "oft", "--batch", "2", "--seq-len", "16",
+              "--dtype", "float32", "--param-dtype", "float32", "--out", str(tmp_path)])
+    rows = json.load(open(tmp_path / "bench.json"))["results"]
+    assert [r["method"] for r in rows] == ["lora", "oft"] and "step_ms" not in rows[0]
+    assert rows[0]["x_lora_flop"] == 1.0 and 0.5 < rows[1]["x_lora_flop"] < 2
+    assert "| oft |" in (tmp_path / "bench.md").read_text()
+    bad = [
+        (dict(methods=("lorax",)), "unknown method 'lorax'"),
+        (dict(model="phi-2"), "model must be one of"),
+        (dict(methods=("lora",), hparams={"lora": {"rank": 4}}), "unknown hyper-parameter"),
+        (dict(methods=("lora",), hparams={"oft": {"block_size": 4}}), "not among the methods"),
+        (dict(batch=0), "batch must be a positive integer"),
+        (dict(remat="all"), "remat must be one of"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises((ValueError, TypeError), match=message):
+            bench.BenchConfig(**kwargs)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        bench.jobs(bench.BenchConfig(compile_only=True), peft=True, peft_modes=("eager",))
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--methods", "lorax", "--out", str(tmp_path)])
+    assert "unknown method 'lorax'" in capsys.readouterr().err
 
 
 def test_experiment_grid_quick_run(tmp_path):

@@ -1,5 +1,6 @@
 """Training, resume, accumulation, data parallelism, checkpoints and evaluation on a tiny Phi."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ from transformers import PhiConfig
 import jpeft
 from jpeft import checkpoint, data, eval as evaluation, train
 from jpeft.models import phi
-from conftest import METHODS, perturb
+from conftest import METHODS, perturb, rel_err
 
 SMALL = PhiConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   max_position_embeddings=128, partial_rotary_factor=0.5, eos_token_id=0, bos_token_id=0, pad_token_id=0)
@@ -193,3 +194,35 @@ def test_cli_trains_on_llm_adapters_instructions(tmp_path):
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in log)
     assert json.loads((tmp_path / "run.json").read_text())["instructions"].endswith("commonsense_mini.json")
+
+
+def test_target_logprobs_equal_log_softmax():
+    logits = 30.0 * jax.random.normal(jax.random.key(0), (2, 5, 50))  # large logits: stability matters
+    targets = jax.random.randint(jax.random.key(1), (2, 5), 0, 50)
+    expected = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
+    np.testing.assert_allclose(train.target_logprobs(logits, targets), expected, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("remat", ["dots", "full"])
+def test_remat_keeps_loss_and_gradients(setup, remat):
+    """Rematerialization trades memory for recomputation; the numbers stay the same,
+    with adapter and attention/residual dropout on (the same masks are redrawn)."""
+    model, params, _, encoded = setup
+    adapted = perturb(jpeft.apply(params, "lora", key=jax.random.key(5), r=2, dropout=0.1), jax.random.key(6), 0.05)
+    trainable, frozen = jpeft.partition(adapted)
+    batch = {k: jnp.asarray(v) for k, v in data.collate(encoded, list(range(4))).items()}
+    dropping = model.clone(spec=dataclasses.replace(model.spec, attention_dropout=0.1, resid_pdrop=0.1))
+
+    def value_and_grad(m):
+        loss = train.lm_loss_fn(m)
+        fn = lambda t: loss(jpeft.combine(t, frozen), batch, jax.random.key(7))[0]  # noqa: E731
+        return jax.jit(jax.value_and_grad(fn))(trainable)
+
+    (v0, g0), (v1, g1) = value_and_grad(dropping), value_and_grad(dropping.clone(remat=remat))
+    np.testing.assert_allclose(v1, v0, rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
+        assert rel_err(a, b) < 1e-5  # float32 reassociation only; a different dropout mask gives O(1)
+    with pytest.raises(ValueError, match="remat must be one of"):
+        train.TrainConfig(remat="some")
+    with pytest.raises(ValueError, match="remat must be one of"):
+        phi.make_model(SMALL, remat="some")

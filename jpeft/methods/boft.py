@@ -82,7 +82,10 @@ def rotate_inputs(x, node: Node, *, transpose: bool = False):
         rotations = jnp.swapaxes(rotations, -1, -2)
     factors = list(enumerate(node.config.permutations(node.shape[0])))
     for i, perm in factors if transpose else reversed(factors):
-        x = linalg.apply_block_diag(x[..., np.argsort(perm)], rotations[i])[..., perm]
+        identity = np.array_equal(perm, np.arange(perm.size))  # P_0, and every P_i with one factor
+        x = x if identity else x[..., np.argsort(perm)]  # XLA would copy through an identity gather
+        x = linalg.apply_block_diag(x, rotations[i])
+        x = x if identity else x[..., perm]
     return x
 
 

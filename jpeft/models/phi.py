@@ -180,6 +180,14 @@ def rotary(x: Array, positions: Array, spec: Spec) -> Array:
     return jnp.concatenate([rot.astype(x.dtype), x[..., rd:]], axis=-1)
 
 
+#: What a decoder layer keeps for the backward pass (``jax.checkpoint`` policies).
+REMAT_POLICIES = {
+    "none": None,  # everything (no rematerialization)
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # linear-layer outputs
+    "full": jax.checkpoint_policies.nothing_saveable,  # only the layer's input
+}
+
+
 class Attention(nn.Module):
     spec: Spec
     dtype: DType
@@ -248,6 +256,7 @@ class PhiModel(nn.Module):
     spec: Spec
     dtype: DType
     param_dtype: DType
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, input_ids, inputs_embeds, positions, allowed, deterministic, cache=None, cache_index=None, prefix_kv=None):
@@ -257,8 +266,10 @@ class PhiModel(nn.Module):
         x = embed(input_ids) if inputs_embeds is None else inputs_embeds
         x = nn.Dropout(s.embd_pdrop)(x.astype(self.dtype), deterministic=deterministic)
         new_caches = []
+        layer = DecoderLayer if self.remat == "none" else nn.remat(  # deterministic (argument 4) is static
+            DecoderLayer, static_argnums=(4,), policy=REMAT_POLICIES[self.remat])
         for i in range(s.layers):
-            x, c = DecoderLayer(s, self.dtype, self.param_dtype, name=f"layers_{i}")(
+            x, c = layer(s, self.dtype, self.param_dtype, name=f"layers_{i}")(
                 x, positions, allowed, deterministic,
                 None if cache is None else cache[i], cache_index, None if prefix_kv is None else prefix_kv[i],
             )
@@ -298,6 +309,7 @@ class PhiForCausalLM(nn.Module):
     spec: Spec
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, input_ids: Array | None = None, attention_mask: Array | None = None,
@@ -337,7 +349,7 @@ class PhiForCausalLM(nn.Module):
             position_ids = jax.lax.dynamic_slice_in_dim(jnp.maximum(jnp.cumsum(seen, axis=-1) - 1, 0), index, t, axis=1)
         causal = jnp.arange(size)[None, :] <= (index + jnp.arange(t))[:, None]
         allowed = causal[None, None] & seen[:, None, None, :]
-        hidden, layers = PhiModel(s, self.dtype, self.param_dtype, name="model")(
+        hidden, layers = PhiModel(s, self.dtype, self.param_dtype, self.remat, name="model")(
             input_ids, inputs_embeds, position_ids, allowed, deterministic,
             None if cache is None else cache["layers"], index, prefix_kv,
         )
@@ -361,12 +373,17 @@ def init_cache(model: PhiForCausalLM, batch: int, size: int) -> dict:
             "mask": jnp.zeros((batch, size), bool), "index": jnp.zeros((), jnp.int32)}
 
 
-def make_model(cfg: PhiConfig | dict | str, dtype: DType = jnp.float32, param_dtype: DType | None = None) -> PhiForCausalLM:
+def make_model(cfg: PhiConfig | dict | str, dtype: DType = jnp.float32, param_dtype: DType | None = None,
+               remat: str = "none") -> PhiForCausalLM:
     """The Flax module for a ``PhiConfig``, a config dict or a config.json path.
 
-    ``dtype`` is the compute dtype, ``param_dtype`` (default: ``dtype``) that of the weights.
+    ``dtype`` is the compute dtype, ``param_dtype`` (default: ``dtype``) that of the weights;
+    ``remat`` (a key of :data:`REMAT_POLICIES`) what each layer keeps for the backward pass.
     """
-    return PhiForCausalLM(Spec.from_config(load_config(cfg)), dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype or dtype))
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+    return PhiForCausalLM(Spec.from_config(load_config(cfg)), dtype=jnp.dtype(dtype),
+                          param_dtype=jnp.dtype(param_dtype or dtype), remat=remat)
 
 
 def init(cfg: PhiConfig | dict | str, key: Array, dtype: DType = jnp.float32,
@@ -382,7 +399,7 @@ def init(cfg: PhiConfig | dict | str, key: Array, dtype: DType = jnp.float32,
 # --------------------------------------------------------------- Hugging Face I/O
 
 
-def _hf_name(path: tuple[str, ...]) -> tuple[str, bool]:
+def hf_name(path: tuple[str, ...]) -> tuple[str, bool]:
     """Flax path -> (transformers tensor name, whether the array is transposed)."""
     *mods, leaf = path
     mods = [m.replace("layers_", "layers.") for m in mods]
@@ -393,7 +410,7 @@ def _hf_name(path: tuple[str, ...]) -> tuple[str, bool]:
 def _layout(model: PhiForCausalLM) -> dict[str, tuple[tuple[str, ...], jax.ShapeDtypeStruct, bool]]:
     """transformers tensor name -> (Flax path, Flax shape/dtype, transposed), nothing allocated."""
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
-    return {name: (path, leaf, transposed) for path, leaf in flatten_dict(shapes).items() for name, transposed in [_hf_name(path)]}
+    return {name: (path, leaf, transposed) for path, leaf in flatten_dict(shapes).items() for name, transposed in [hf_name(path)]}
 
 
 def _checkpoint_files(directory: str) -> dict[str, str]:
@@ -471,7 +488,7 @@ def save_pretrained(params: PyTree, cfg: PhiConfig | dict | str, path: str | os.
     cfg = copy.deepcopy(load_config(cfg))
     layout = _layout(make_model(cfg))
     names = {p: name for name, (p, _, _) in layout.items()}
-    _compare_names("params", layout, [_hf_name(p)[0] for p in flat])
+    _compare_names("params", layout, [hf_name(p)[0] for p in flat])
     tensors = {}
     for p, leaf in flat.items():
         _, expected, transposed = layout[names[p]]
