@@ -194,14 +194,31 @@ def run_jpeft(cfg: BenchConfig, method: str) -> dict:
     return result
 
 
-PEFT_CONFIGS = {
-    "lora": lambda t, hp: ("LoraConfig", dict(r=hp.get("r", 16), lora_alpha=hp.get("alpha", 32), target_modules=t)),
-    "dora": lambda t, hp: ("LoraConfig", dict(r=hp.get("r", 16), lora_alpha=hp.get("alpha", 32), target_modules=t, use_dora=True)),
-    "lokr": lambda t, hp: ("LoKrConfig", dict(r=hp.get("r", 16), alpha=hp.get("alpha", 32), target_modules=t)),
-    "oft": lambda t, hp: ("OFTConfig", dict(r=0, oft_block_size=hp.get("block_size", 64), target_modules=t)),
-    "boft": lambda t, hp: ("BOFTConfig", dict(boft_block_size=hp.get("block_size", 8), boft_n_butterfly_factor=hp.get("n_butterfly", 1), target_modules=t)),
-    "hra": lambda t, hp: ("HRAConfig", dict(r=hp.get("r", 16), target_modules=t)),
-}
+#: PEFT's counterparts; ``hra`` (PEFT's Householder method) stands in for shoft/rhoft.
+PEFT_METHODS = ("lora", "dora", "lokr", "oft", "boft", "hra")
+
+
+def peft_config(method: str, hparams: dict, target_modules: list[str]):
+    """HF PEFT's config for the same hyper-parameters as jpeft's validated config of
+    ``method`` (``hra``: PEFT's HRAConfig fields, default r=16 as SHOFT's r_u, r_v)."""
+    import peft
+
+    from jpeft import core
+
+    if method == "hra":
+        return peft.HRAConfig(**{"r": 16, **hparams}, target_modules=target_modules)
+    c = core.make_config(method, **hparams)
+    if method in ("lora", "dora"):
+        return peft.LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout, use_dora=method == "dora",
+                               init_lora_weights="gaussian" if c.init == "gaussian" else True, target_modules=target_modules)
+    if method == "lokr":
+        return peft.LoKrConfig(r=c.r, alpha=c.alpha, decompose_factor=c.factor, target_modules=target_modules)
+    if method == "oft":  # PEFT rotates inputs (jpeft's side="in"); same cost either side
+        return peft.OFTConfig(r=0, oft_block_size=c.block_size, coft=False, use_cayley_neumann=c.neumann_terms is not None,
+                              num_cayley_neumann_terms=c.neumann_terms or 5, target_modules=target_modules)
+    if method == "boft":
+        return peft.BOFTConfig(boft_block_size=c.block_size, boft_n_butterfly_factor=c.n_butterfly, target_modules=target_modules)
+    raise ValueError(f"HF PEFT has no counterpart of {method!r}; it has {PEFT_METHODS}")
 
 
 def hf_target_modules(cfg: BenchConfig) -> list[str]:
@@ -220,7 +237,8 @@ def hf_target_modules(cfg: BenchConfig) -> list[str]:
 
 
 def run_peft(cfg: BenchConfig, method: str, compiled: bool) -> dict:
-    """Time HF PEFT (torch) on the same configuration: fp32 master weights, bf16 autocast, AdamW."""
+    """Time HF PEFT (torch) on the same configuration and hyper-parameters (adapter
+    dropout included): fp32 master weights, bf16 autocast, AdamW."""
     import peft
     import torch
     from transformers import PhiForCausalLM
@@ -232,8 +250,7 @@ def run_peft(cfg: BenchConfig, method: str, compiled: bool) -> dict:
     torch.manual_seed(0)
     config = phi.config(cfg.model)
     model = PhiForCausalLM(config).to(device)
-    cls, kwargs = PEFT_CONFIGS[method](hf_target_modules(cfg), cfg.hparams.get(method, {}))
-    model = peft.get_peft_model(model, getattr(peft, cls)(**kwargs))
+    model = peft.get_peft_model(model, peft_config(method, cfg.hparams.get(method, {}), hf_target_modules(cfg)))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     ids = torch.randint(0, config.vocab_size, (cfg.batch, cfg.seq_len), device=device)
     forward = torch.compile(model) if compiled else model
@@ -289,7 +306,7 @@ def jobs(cfg: BenchConfig, peft: bool, peft_modes: tuple[str, ...]) -> list[tupl
         bad = set(peft_modes) - {"eager", "compiled"}
         if bad:
             raise ValueError(f"peft_modes must be 'eager' and/or 'compiled', got {sorted(bad)}")
-        ours = [m for m in cfg.methods if m in PEFT_CONFIGS]
+        ours = [m for m in cfg.methods if m in PEFT_METHODS]
         if any(m in HOUSEHOLDER for m in cfg.methods):
             ours.append("hra")
         out += [(f"peft-{mode}", m) for mode in peft_modes for m in ours]
@@ -413,6 +430,10 @@ def plot(results: list[dict], cfg: BenchConfig, meta: dict, path: str) -> None:
         ax.bar(labels, values, color=[colors[r["impl"]] for r in ok])
         ax.set_ylabel(label, fontsize=8)
         ax.tick_params(axis="x", labelsize=7)
+    lora = next((r for r in ok if r["impl"] == "jpeft" and r["method"] == "lora" and r.get(time_key)), None)
+    if lora:  # the issue's bar: every method within 1.25x of jpeft's LoRA
+        axes[0].axhline(1.25 * lora[time_key], color="k", linestyle="--", linewidth=0.8, label="1.25 x jpeft LoRA")
+        axes[0].legend(fontsize=7)
     fig.suptitle(f"{cfg.model}, batch {cfg.batch}x{cfg.seq_len}, {meta['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

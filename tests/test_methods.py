@@ -163,7 +163,7 @@ def test_cost_model_counts_what_xla_compiles(method):
     x = jax.random.normal(jax.random.key(2), (tokens, n))
     predicted = dict(zip(("factored", "materialized"), jpeft.methods[method].flops(node, tokens)))
     for path, expected in predicted.items():
-        def step(t, x):
+        def step(t, x, path=path):
             return jnp.sum(jpeft.linear(x, jpeft.combine(t, frozen), path=path) ** 2)
 
         compiled = jax.jit(jax.grad(step, argnums=(0, 1))).lower(trainable, x).compile()

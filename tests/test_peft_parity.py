@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
 import jpeft  # noqa: E402
-from jpeft import linalg  # noqa: E402
+from jpeft import bench, linalg  # noqa: E402
 from conftest import perturb  # noqa: E402
 
 N_IN, N_OUT = 48, 32  # non-square, so a transposed mapping cannot pass by accident
@@ -171,3 +171,6 @@ def test_trainable_counts_match_peft_for_phi_qkv():
         abstract = jax.eval_shape(lambda s: jpeft.apply(s, method, key=jax.random.key(0), **hparams), shapes)
         ours = jpeft.count_params(abstract)["trainable"]
         assert ours == _phi_peft_trainable(cfg) == documented, method
+        # the benchmark's mapping of jpeft's hyper-parameters gives PEFT the same adapter
+        assert _phi_peft_trainable(bench.peft_config(method, hparams, targets)) == documented, method
+    assert _phi_peft_trainable(bench.peft_config("hra", {}, targets)) == 72 * 16 * 2048  # HRA r=16: r vectors of length in
