@@ -224,14 +224,10 @@ def peft_config(method: str, hparams: dict, target_modules: list[str]):
 def hf_target_modules(cfg: BenchConfig) -> list[str]:
     """The transformers module names of the kernels jpeft's ``cfg.targets`` select, so
     PEFT adapts exactly the same layers."""
-    import jax
-    import jax.numpy as jnp
-
     import jpeft
     from jpeft.models import phi
 
-    model = phi.make_model(phi.config(cfg.model))
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    shapes = phi.param_shapes(phi.make_model(phi.config(cfg.model)))
     paths = jpeft.match_targets(shapes, list(cfg.targets) if cfg.targets else None)
     return [phi.hf_name(tuple(p.split("/")))[0].removesuffix(".weight") for p in paths]
 
@@ -396,7 +392,7 @@ def table(results: list[dict], cfg: BenchConfig, meta: dict) -> str:
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['impl']} | {r['method']} | failed: {r['error'].strip().splitlines()[-1][:80] if r['error'].strip() else ''} |")
+            lines.append(f"| {r['impl']} | {r['method']} | failed: {(r['error'].strip().splitlines() or [''])[-1][:80]} |")
         elif cfg.compile_only:
             lines.append(f"| {r['method']} | {_fmt(r.get('xla_tflop_per_step'), '.4g')} | {_fmt(r.get('x_lora_flop'), '.3f')} | "
                          f"{r['model_tflop_per_step']:.4g} | {_fmt(r.get('memory_estimate_gib'), '.2f')} | "

@@ -17,8 +17,7 @@ def abstract_model(name: str):
     """Shapes of a named model's parameters (``jax.eval_shape``: nothing is allocated)."""
     from jpeft.models import phi
 
-    config = phi.config(name)
-    return jax.eval_shape(lambda k: phi.init(config, k)[1], jax.random.key(0))
+    return phi.param_shapes(phi.make_model(phi.config(name)))
 
 
 def parse_hparams(items: list[str]) -> dict[str, dict]:

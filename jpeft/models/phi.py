@@ -396,6 +396,11 @@ def init(cfg: PhiConfig | dict | str, key: Array, dtype: DType = jnp.float32,
     return model, model.init(key, jnp.zeros((1, 1), jnp.int32))["params"]
 
 
+def param_shapes(model: PhiForCausalLM) -> PyTree:
+    """The shapes and dtypes of ``model``'s parameters (``jax.eval_shape``: nothing is allocated)."""
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+
+
 # --------------------------------------------------------------- Hugging Face I/O
 
 
@@ -409,8 +414,7 @@ def hf_name(path: tuple[str, ...]) -> tuple[str, bool]:
 
 def _layout(model: PhiForCausalLM) -> dict[str, tuple[tuple[str, ...], jax.ShapeDtypeStruct, bool]]:
     """transformers tensor name -> (Flax path, Flax shape/dtype, transposed), nothing allocated."""
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
-    return {name: (path, leaf, transposed) for path, leaf in flatten_dict(shapes).items() for name, transposed in [hf_name(path)]}
+    return {name: (path, leaf, transposed) for path, leaf in flatten_dict(param_shapes(model)).items() for name, transposed in [hf_name(path)]}
 
 
 def _checkpoint_files(directory: str) -> dict[str, str]:
