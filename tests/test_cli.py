@@ -88,6 +88,12 @@ def test_bench_compile_only_and_bad_configs(tmp_path, capsys):
     for kwargs, message in bad:
         with pytest.raises((ValueError, TypeError), match=message):
             bench.BenchConfig(**kwargs)
+    # a job that fails or times out is recorded, reported, and does not stop the others
+    cfg = bench.BenchConfig(compile_only=True, methods=("lora",))
+    failed = bench._run_job("jpeft", "lora", cfg, timeout=0.01)
+    assert failed == {"impl": "jpeft", "method": "lora", "error": "timed out after 0 s"}
+    assert "| jpeft | lora | failed: timed out after 0 s |" in bench.table([failed], cfg, {
+        "date": "today", "device": None, "environment": {"commit": None}})
     with pytest.raises(ValueError, match="cannot be combined"):
         bench.jobs(bench.BenchConfig(compile_only=True), peft=True, peft_modes=("eager",))
     with pytest.raises(SystemExit):
