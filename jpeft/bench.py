@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import glob
 import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -35,6 +38,8 @@ from typing import Callable
 #: H100/H200: the ≈790 TFLOP/s the issue's targets are stated against (DESIGN.md §4; the
 #: datasheet's dense figure is 989); others: datasheet dense figures. ``peak_tflops`` overrides.
 PEAK_FLOPS = {"H100": 790e12, "H200": 790e12, "A100": 312e12, "L4": 121e12, "RTX 3090": 71e12}
+
+PROFILE_STEPS = 3
 
 METHOD_ORDER = ("lora", "dora", "lokr", "oft", "boft", "shoft", "rhoft")
 #: The Householder methods; with ``--peft`` they are compared with PEFT's HRA.
@@ -56,6 +61,7 @@ class BenchConfig:
     compile_only: bool = False  # compile at abstract shapes: XLA's FLOP and memory, no timing
     peak_tflops: float | None = None  # overrides PEAK_FLOPS for MFU
     remat: str = "none"  # jpeft.models.phi.REMAT_POLICIES
+    profile_dir: str | None = None  # if set, PROFILE_STEPS more steps per run are traced there (trace_path)
 
     def __post_init__(self):
         for name in ("batch", "seq_len", "steps"):
@@ -65,6 +71,8 @@ class BenchConfig:
             raise ValueError(f"warmup must be a non-negative integer, got {self.warmup!r}")
         if not self.methods:
             raise ValueError("methods must name at least one method")
+        if self.profile_dir and self.compile_only:
+            raise ValueError("profile_dir traces timed steps and cannot be combined with compile_only")
         from jpeft import core
         from jpeft.models import phi
 
@@ -108,6 +116,11 @@ def compiled_analysis(compiled) -> dict:
                     + mem.temp_size_in_bytes) / 2**30
     return {"xla_tflop_per_step": cost["flops"] / 1e12 if cost and "flops" in cost else None,
             "memory_estimate_gib": estimate}
+
+
+def trace_path(cfg: BenchConfig, impl: str, method: str) -> str:
+    """Where a run's profile goes: one Chrome-trace file (open it in Perfetto)."""
+    return os.path.join(cfg.profile_dir, f"{impl}-{method}.trace.json.gz")
 
 
 def _timed(fn: Callable[[], None], warmup: int, steps: int) -> list[float]:
@@ -188,6 +201,14 @@ def run_jpeft(cfg: BenchConfig, method: str) -> dict:
         jax.block_until_ready(metrics["loss"])
 
     times = _timed(one, cfg.warmup, cfg.steps)
+    if cfg.profile_dir:
+        with tempfile.TemporaryDirectory() as tmp:
+            with jax.profiler.trace(tmp):
+                for _ in range(PROFILE_STEPS):
+                    one()
+            (trace,) = glob.glob(os.path.join(tmp, "plugins", "profile", "*", "*.trace.json.gz"))
+            os.makedirs(cfg.profile_dir, exist_ok=True)
+            shutil.move(trace, trace_path(cfg, "jpeft", method))
     stats = device.memory_stats() or {}
     result.update(timing_fields(times, tokens, flops, peak_flops(device_name, cfg.peak_tflops)))
     result["peak_memory_gib"] = stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
@@ -267,10 +288,18 @@ def run_peft(cfg: BenchConfig, method: str, compiled: bool) -> dict:
     one()  # the first step compiles under torch.compile
     compile_s = time.perf_counter() - start
     times = _timed(one, cfg.warmup, cfg.steps)
+    impl = "peft-compiled" if compiled else "peft-eager"
+    if cfg.profile_dir:
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(PROFILE_STEPS):
+                one()
+        os.makedirs(cfg.profile_dir, exist_ok=True)
+        prof.export_chrome_trace(trace_path(cfg, impl, method))
     tokens = cfg.batch * cfg.seq_len
     flops = model_flops_per_step(config, tokens, cfg.seq_len)
     return {
-        "impl": "peft-compiled" if compiled else "peft-eager",
+        "impl": impl,
         "method": method,
         "device": device_name,
         "model_tflop_per_step": flops / 1e12,

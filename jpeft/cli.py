@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import jax
@@ -99,6 +100,7 @@ def cmd_bench(args) -> None:
         targets=tuple(args.targets) if args.targets else None, compute_dtype=args.dtype,
         param_dtype=args.param_dtype, warmup=args.warmup, steps=args.steps, hparams=parse_hparams(args.set),
         compile_only=args.compile_only, peak_tflops=args.peak_tflops, remat=args.remat,
+        profile_dir=os.path.join(args.out, "profile") if args.profile else None,
     )
     what = "Compiling (no timing)" if cfg.compile_only else "Benchmarking"
     print(f"{what} {len(cfg.methods)} method(s) on {cfg.model}, batch {cfg.batch} x {cfg.seq_len}:")
@@ -213,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="compile at abstract shapes and report XLA's FLOP and memory, without running (works on CPU at full size)")
     bench.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak for MFU (default: by device name)")
     bench.add_argument("--remat", default="none", help=REMAT_HELP)
+    bench.add_argument("--profile", action="store_true",
+                       help="also trace a few steps of each run into OUT/profile/<impl>-<method>.trace.json.gz (open in Perfetto)")
     bench.add_argument("--timeout", type=float, default=1800, help="seconds allowed per job")
     bench.add_argument("--out", default="runs/bench", help="output directory for JSON, markdown and PNG")
     bench.set_defaults(func=cmd_bench)

@@ -1,5 +1,6 @@
 """The command line and the scripts, run as a user would (tiny model, bundled data)."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -46,7 +47,7 @@ def test_train_then_eval_with_the_adapter(tmp_path, capsys):
 
 def test_bench_smoke_writes_json_table_and_plot(tmp_path):
     cfg = bench.BenchConfig(model="tiny", batch=2, seq_len=32, methods=("lora", "rhoft"), warmup=1, steps=3,
-                            compute_dtype="float32", param_dtype="float32")
+                            compute_dtype="float32", param_dtype="float32", profile_dir=str(tmp_path / "profile"))
     seen = []
     results = bench.run(cfg, peft=True, peft_modes=("eager",), timeout=300, on_result=lambda so_far: seen.append(len(so_far)))
     assert seen == [1, 2, 3, 4]  # partial results are handed out after every job
@@ -61,6 +62,11 @@ def test_bench_smoke_writes_json_table_and_plot(tmp_path):
     assert results[3]["x_impl_lora"] == results[3]["step_ms"] / results[2]["step_ms"]
     assert results[2]["trainable"] == results[0]["trainable"]  # the same LoRA on the same modules
     assert results[0]["xla_tflop_per_step"] > 0 and results[0]["memory_estimate_gib"] > 0
+    traces = sorted(p.name for p in (tmp_path / "profile").iterdir())
+    assert traces == [f"{run}.trace.json.gz" for run in ("jpeft-lora", "jpeft-rhoft", "peft-eager-hra", "peft-eager-lora")]
+    for run in ("jpeft-lora", "peft-eager-lora"):
+        with gzip.open(tmp_path / "profile" / f"{run}.trace.json.gz") as f:
+            assert any(e.get("ph") == "X" for e in json.load(f)["traceEvents"])  # timed events to look at
     paths = bench.write_outputs(results, cfg, str(tmp_path))
     data = json.load(open(paths["json"]))
     assert data["config"]["model"] == "tiny" and len(data["results"]) == 4
@@ -84,6 +90,7 @@ def test_bench_compile_only_and_bad_configs(tmp_path, capsys):
         (dict(methods=("lora",), hparams={"oft": {"block_size": 4}}), "not among the methods"),
         (dict(batch=0), "batch must be a positive integer"),
         (dict(remat="all"), "remat must be one of"),
+        (dict(compile_only=True, profile_dir="p"), "cannot be combined with compile_only"),
     ]
     for kwargs, message in bad:
         with pytest.raises((ValueError, TypeError), match=message):
