@@ -289,6 +289,9 @@ def _check_shape(name: str, x: Any, shape: tuple) -> None:
 class PhiForCausalLM(nn.Module):
     """Phi causal LM; ``apply({"params": params}, input_ids, attention_mask=None, ...)``.
 
+    ``remat`` (a key of :data:`REMAT_POLICIES`) rematerializes each decoder layer in the
+    backward pass: same numbers, less activation memory, some recomputation.
+
     Args (of ``__call__``):
       input_ids: int (batch, length); or ``inputs_embeds`` (batch, length, hidden) instead.
       attention_mask: (batch, length), 1 on tokens and 0 on padding (left or right). With
