@@ -83,9 +83,9 @@ class BenchConfig:
         for name in ("compute_dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
-        for method in self.methods:
+        for method in {*self.methods, "hra"}:
             core.make_config(method, **self.hparams.get(method, {}))  # names the bad method or value
-        extra = set(self.hparams) - set(self.methods) - {"hra"}
+        extra = set(self.hparams) - set(self.methods) - {"hra"}  # hra: the PEFT baseline's r
         if extra:
             raise ValueError(f"hyper-parameters given for {sorted(extra)}, which are not among the methods {list(self.methods)}")
 
@@ -215,19 +215,16 @@ def run_jpeft(cfg: BenchConfig, method: str) -> dict:
     return result
 
 
-#: PEFT's counterparts; ``hra`` (PEFT's Householder method) stands in for shoft/rhoft.
+#: Methods HF PEFT also has; its HRA is also timed as the Householder baseline of shoft/rhoft.
 PEFT_METHODS = ("lora", "dora", "lokr", "oft", "boft", "hra")
 
 
 def peft_config(method: str, hparams: dict, target_modules: list[str]):
-    """HF PEFT's config for the same hyper-parameters as jpeft's validated config of
-    ``method`` (``hra``: PEFT's HRAConfig fields, default r=16 as SHOFT's r_u, r_v)."""
+    """HF PEFT's config for the same hyper-parameters as jpeft's validated config of ``method``."""
     import peft
 
     from jpeft import core
 
-    if method == "hra":
-        return peft.HRAConfig(**{"r": 16, **hparams}, target_modules=target_modules)
     c = core.make_config(method, **hparams)
     if method in ("lora", "dora"):
         return peft.LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout, use_dora=method == "dora",
@@ -237,6 +234,8 @@ def peft_config(method: str, hparams: dict, target_modules: list[str]):
     if method == "oft":  # PEFT rotates inputs (jpeft's side="in"); same cost either side
         return peft.OFTConfig(r=0, oft_block_size=c.block_size, coft=False, use_cayley_neumann=c.neumann_terms is not None,
                               num_cayley_neumann_terms=c.neumann_terms or 5, target_modules=target_modules)
+    if method == "hra":
+        return peft.HRAConfig(r=c.r, target_modules=target_modules)
     if method == "boft":
         return peft.BOFTConfig(boft_block_size=c.block_size, boft_n_butterfly_factor=c.n_butterfly, target_modules=target_modules)
     raise ValueError(f"HF PEFT has no counterpart of {method!r}; it has {PEFT_METHODS}")
@@ -322,8 +321,8 @@ def _worker(payload: str) -> None:
 
 
 def jobs(cfg: BenchConfig, peft: bool, peft_modes: tuple[str, ...]) -> list[tuple[str, str]]:
-    """(impl, method) pairs: every jpeft method, then PEFT's counterparts per mode (PEFT's
-    HRA stands in for the Householder methods, which PEFT lacks)."""
+    """(impl, method) pairs: every jpeft method, then PEFT's counterparts per mode (PEFT
+    lacks SHOFT/RHOFT: its HRA is timed as their Householder baseline)."""
     out = [("jpeft", m) for m in cfg.methods]
     if peft:
         if cfg.compile_only:
@@ -332,7 +331,7 @@ def jobs(cfg: BenchConfig, peft: bool, peft_modes: tuple[str, ...]) -> list[tupl
         if bad:
             raise ValueError(f"peft_modes must be 'eager' and/or 'compiled', got {sorted(bad)}")
         ours = [m for m in cfg.methods if m in PEFT_METHODS]
-        if any(m in HOUSEHOLDER for m in cfg.methods):
+        if any(m in HOUSEHOLDER for m in cfg.methods) and "hra" not in ours:
             ours.append("hra")
         out += [(f"peft-{mode}", m) for mode in peft_modes for m in ours]
     return out

@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=10)
     bench.add_argument("--set", action="append", default=[], metavar="METHOD.NAME=VALUE")
     bench.add_argument("--peft", action="store_true",
-                       help="also time HF PEFT (torch), eager and torch.compile; PEFT's HRA stands in for shoft/rhoft")
+                       help="also time HF PEFT (torch), eager and torch.compile; with shoft/rhoft, PEFT's HRA too")
     bench.add_argument("--compile-only", action="store_true",
                        help="compile at abstract shapes and report XLA's FLOP and memory, without running (works on CPU at full size)")
     bench.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak for MFU (default: by device name)")

@@ -16,6 +16,7 @@ SMALL_HPARAMS = {
     "boft": dict(block_size=4, n_butterfly=2),
     "shoft": dict(r_u=3, r_v=4),
     "rhoft": dict(r_u=4, r_v=3, k=16),
+    "hra": dict(r=5),  # odd: ends with a zero (identity) reflection
 }
 METHODS = list(SMALL_HPARAMS)
 

@@ -121,7 +121,7 @@ def test_register_user_method(params):
 
 
 def test_unknown_method_lists_known(params):
-    with pytest.raises(ValueError, match=r"unknown method 'lorax'.*boft, dora, lokr, lora, oft, rhoft, shoft"):
+    with pytest.raises(ValueError, match=r"unknown method 'lorax'.*boft, dora, hra, lokr, lora, oft, rhoft, shoft"):
         jpeft.apply(params, "lorax", key=jax.random.key(0))
 
 

@@ -128,6 +128,16 @@ def test_boft_butterfly_factors_match_peft_construction(base):
     np.testing.assert_allclose(jpeft.materialize({"k": node})["k"], expected, atol=1e-5)
 
 
+def test_hra(base):
+    """Same ``hra_u`` -> same output; and PEFT's paired init is an identity start like ours."""
+    node, layer, model, ours, merged, x = ours_and_peft(base, "hra", dict(r=4), peft.HRAConfig(r=4, target_modules=["q_proj"]))
+    with torch.no_grad():
+        initial = layer.get_delta_weight("default").numpy()
+        layer.hra_u["default"].copy_(t(node.trainable["u"]))
+    np.testing.assert_allclose(initial, np.eye(N_IN), atol=1e-5)
+    check(ours, merged, run(model, x))
+
+
 def test_householder_chain_matches_hra():
     cfg = peft.HRAConfig(r=6, target_modules=["q_proj"], init_weights=False)
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """One module per method; each exposes ``METHOD``, a :class:`jpeft.methods.base.Method`."""
 
-from jpeft.methods import boft, dora, lokr, lora, oft, rhoft, shoft
+from jpeft.methods import boft, dora, hra, lokr, lora, oft, rhoft, shoft
 from jpeft.methods.base import Method
 
 BUILTIN = {
@@ -11,6 +11,7 @@ BUILTIN = {
     "boft": boft.METHOD,
     "shoft": shoft.METHOD,
     "rhoft": rhoft.METHOD,
+    "hra": hra.METHOD,
 }
 
 __all__ = ["BUILTIN", "Method"]
