@@ -71,6 +71,8 @@ class BenchConfig:
             raise ValueError(f"warmup must be a non-negative integer, got {self.warmup!r}")
         if not self.methods:
             raise ValueError("methods must name at least one method")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ValueError(f"peak_tflops must be positive, got {self.peak_tflops!r}")
         if self.profile_dir and self.compile_only:
             raise ValueError("profile_dir traces timed steps and cannot be combined with compile_only")
         from jpeft import core
@@ -83,7 +85,7 @@ class BenchConfig:
         for name in ("compute_dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
-        for method in {*self.methods, "hra"}:
+        for method in (*self.methods, "hra"):
             core.make_config(method, **self.hparams.get(method, {}))  # names the bad method or value
         extra = set(self.hparams) - set(self.methods) - {"hra"}  # hra: the PEFT baseline's r
         if extra:
@@ -99,6 +101,7 @@ def model_flops_per_step(config, tokens: int, seq_len: int) -> float:
 
 
 def peak_flops(device_name: str, override_tflops: float | None = None) -> float | None:
+    """The device's bf16 peak FLOP/s for MFU (``None``, and no MFU, for an unknown device)."""
     if override_tflops:
         return override_tflops * 1e12
     return next((v for k, v in PEAK_FLOPS.items() if k in device_name), None)
@@ -167,20 +170,14 @@ def run_jpeft(cfg: BenchConfig, method: str) -> dict:
 
     tx = train.optimizer(train.TrainConfig(batch_size=cfg.batch, warmup_steps=10, compute_dtype=cfg.compute_dtype), 1000)
     make_state = lambda trainable: train.init_state(trainable, tx, 0)  # noqa: E731
-    shape = (cfg.batch, cfg.seq_len)
-    if cfg.compile_only:  # shapes only: a full-size model compiles on a laptop
-        adapted = jax.eval_shape(build, jax.random.key(0))
-        trainable, frozen = jpeft.partition(adapted)
-        state = jax.eval_shape(make_state, trainable)
-        batch = {k: jax.ShapeDtypeStruct(shape, d) for k, d in
-                 (("input_ids", jnp.int32), ("attention_mask", jnp.int32), ("targets", jnp.int32), ("loss_mask", jnp.float32))}
-    else:
-        adapted = build(jax.random.key(0))
-        trainable, frozen = jpeft.partition(adapted)
-        state = make_state(trainable)
-        ids = jax.random.randint(jax.random.key(2), shape, 0, config.vocab_size, jnp.int32)
-        batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "targets": jnp.roll(ids, -1, axis=1),
-                 "loss_mask": jnp.ones(shape, jnp.float32)}
+    # compile_only: shapes alone (jax.eval_shape), so a full-size model compiles on a laptop
+    abstract = jax.eval_shape if cfg.compile_only else lambda f, *args: f(*args)
+    adapted = abstract(build, jax.random.key(0))
+    trainable, frozen = jpeft.partition(adapted)
+    state = abstract(make_state, trainable)
+    ids = jax.random.randint(jax.random.key(2), (cfg.batch, cfg.seq_len), 0, config.vocab_size, jnp.int32)
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "targets": jnp.roll(ids, -1, axis=1),
+             "loss_mask": jnp.ones(ids.shape, jnp.float32)}
     step = train.make_train_step(train.lm_loss_fn(model), tx, 1)
     start = time.perf_counter()
     compiled = step.lower(state, frozen, batch).compile()
