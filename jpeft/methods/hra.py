@@ -45,12 +45,9 @@ class HraConfig:
 
 
 def init(key, kernel, config: HraConfig):
-    n = kernel.shape[0]
-    half = base.kaiming_uniform(key, (n, config.r // 2), fan_in=max(1, config.r // 2))  # PEFT's half_u (in × r/2)
-    u = jnp.repeat(half, 2, axis=1)
-    if config.r % 2:
-        u = jnp.concatenate([u, jnp.zeros((n, 1), jnp.float32)], axis=1)
-    return {"u": u}, {"kernel": kernel}
+    # PEFT draws its half_u (in × r/2) with kaiming_uniform_(a=sqrt(5)): U(±1/sqrt(r/2))
+    bound = 1.0 / max(1, config.r // 2) ** 0.5
+    return {"u": bound * linalg.paired_householder_init(key, kernel.shape[0], config.r)}, {"kernel": kernel}
 
 
 def materialize(node: Node) -> jax.Array:
