@@ -75,15 +75,14 @@ class BenchConfig:
             raise ValueError(f"peak_tflops must be positive, got {self.peak_tflops!r}")
         if self.profile_dir and self.compile_only:
             raise ValueError("profile_dir traces timed steps and cannot be combined with compile_only")
-        from jpeft import core
+        from jpeft import core, train
         from jpeft.models import phi
 
-        if self.remat not in phi.REMAT_POLICIES:
-            raise ValueError(f"remat must be one of {sorted(phi.REMAT_POLICIES)}, got {self.remat!r}")
+        phi.check_remat(self.remat)
         if self.model not in phi.NAMED_CONFIGS:
             raise ValueError(f"model must be one of {sorted(phi.NAMED_CONFIGS)}, got {self.model!r}")
         for name in ("compute_dtype", "param_dtype"):
-            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+            if getattr(self, name) not in train.COMPUTE_DTYPES:
                 raise ValueError(f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
         for method in (*self.methods, "hra"):
             core.make_config(method, **self.hparams.get(method, {}))  # names the bad method or value

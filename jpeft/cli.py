@@ -105,9 +105,9 @@ def cmd_bench(args) -> None:
     what = "Compiling (no timing)" if cfg.compile_only else "Benchmarking"
     print(f"{what} {len(cfg.methods)} method(s) on {cfg.model}, batch {cfg.batch} x {cfg.seq_len}:")
     # partial results are written after every job, so a long run keeps what it measured
-    results = bench.run(cfg, peft=args.peft, timeout=args.timeout,
-                        on_result=lambda so_far: bench.write_outputs(so_far, cfg, args.out))
-    paths = bench.write_outputs(results, cfg, args.out)
+    paths = {}
+    bench.run(cfg, peft=args.peft, timeout=args.timeout,
+              on_result=lambda so_far: paths.update(bench.write_outputs(so_far, cfg, args.out)))
     print(open(paths["md"]).read())
     print("wrote " + ", ".join(paths.values()))
 

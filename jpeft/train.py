@@ -29,6 +29,9 @@ PyTree = Any
 Array = jax.Array
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Training hyper-parameters; defaults are the thesis' Table A.1 (AdamW, lr 2e-4,
@@ -48,7 +51,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        from jpeft.models.phi import REMAT_POLICIES
+        from jpeft.models.phi import check_remat
 
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
@@ -59,10 +62,9 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
-        if self.compute_dtype not in ("float32", "bfloat16", "float16"):
+        if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be float32, bfloat16 or float16, got {self.compute_dtype!r}")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+        check_remat(self.remat)
 
 
 def schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:

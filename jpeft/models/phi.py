@@ -188,6 +188,12 @@ REMAT_POLICIES = {
 }
 
 
+def check_remat(remat: str) -> None:
+    """ValueError unless ``remat`` names one of :data:`REMAT_POLICIES`."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+
+
 class Attention(nn.Module):
     spec: Spec
     dtype: DType
@@ -383,8 +389,7 @@ def make_model(cfg: PhiConfig | dict | str, dtype: DType = jnp.float32, param_dt
     ``dtype`` is the compute dtype, ``param_dtype`` (default: ``dtype``) that of the weights;
     ``remat`` (a key of :data:`REMAT_POLICIES`) what each layer keeps for the backward pass.
     """
-    if remat not in REMAT_POLICIES:
-        raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+    check_remat(remat)
     return PhiForCausalLM(Spec.from_config(load_config(cfg)), dtype=jnp.dtype(dtype),
                           param_dtype=jnp.dtype(param_dtype or dtype), remat=remat)
 
