@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -333,15 +334,36 @@ def jobs(cfg: BenchConfig, peft: bool, peft_modes: tuple[str, ...]) -> list[tupl
     return out
 
 
+def job_failure(impl: str, method: str, returncode: int | None, output: str | bytes | None,
+                timeout: float | None = None) -> dict:
+    """The record of a job that printed no result: why it died (a timeout, a signal or an
+    exit code) and the last line it wrote, in ``error``; the end of its output in ``log``."""
+    if isinstance(output, bytes):
+        output = output.decode(errors="replace")
+    log = (output or "").strip()[-4000:]
+    if timeout is not None:
+        reason = f"timed out after {timeout:.0f} s"
+    elif returncode is not None and returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "an unknown signal"
+        reason = f"killed by {name} (signal {-returncode})"
+    else:
+        reason = f"exited with code {returncode}" + (" without printing a result" if returncode == 0 else "")
+    last = log.splitlines()[-1].strip() if log else "no output"
+    return {"impl": impl, "method": method, "error": f"{reason}; last output: {last}", "log": log}
+
+
 def _run_job(impl: str, method: str, cfg: BenchConfig, timeout: float) -> dict:
     payload = json.dumps({"impl": impl, "method": method, "config": dataclasses.asdict(cfg)})
     try:
         proc = subprocess.run([sys.executable, "-m", "jpeft.bench", payload], capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"impl": impl, "method": method, "error": f"timed out after {timeout:.0f} s"}
+    except subprocess.TimeoutExpired as e:  # the worker was killed; keep what it wrote
+        return job_failure(impl, method, None, e.stderr or e.stdout, timeout=timeout)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("JPEFT_BENCH_RESULT ")), None)
     if line is None:
-        return {"impl": impl, "method": method, "error": (proc.stderr or proc.stdout)[-2000:]}
+        return job_failure(impl, method, proc.returncode, proc.stderr or proc.stdout)
     return json.loads(line.split(" ", 1)[1])
 
 
@@ -371,7 +393,7 @@ def run(cfg: BenchConfig, *, peft: bool = False, peft_modes: tuple[str, ...] = (
         results.append(r)
         add_ratios(results)
         shown = (f"{r['step_ms']:9.1f} ms/step" if "step_ms" in r else
-                 f"{r['xla_tflop_per_step']:9.4g} TFLOP/step" if r.get("xla_tflop_per_step") else "FAILED")
+                 f"{r['xla_tflop_per_step']:9.4g} TFLOP/step" if r.get("xla_tflop_per_step") else f"FAILED: {r.get('error', 'no figure')}")
         print(f"  {impl:14s} {method:6s} {shown}", flush=True)
         if on_result:
             on_result(results)
@@ -416,7 +438,7 @@ def table(results: list[dict], cfg: BenchConfig, meta: dict) -> str:
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['impl']} | {r['method']} | failed: {(r['error'].strip().splitlines() or [''])[-1][:80]} |")
+            lines.append(f"| {r['impl']} | {r['method']} | failed: {r['error'][:160].replace('|', '/')} |")
         elif cfg.compile_only:
             lines.append(f"| {r['method']} | {_fmt(r.get('xla_tflop_per_step'), '.4g')} | {_fmt(r.get('x_lora_flop'), '.3f')} | "
                          f"{r['model_tflop_per_step']:.4g} | {_fmt(r.get('memory_estimate_gib'), '.2f')} | "

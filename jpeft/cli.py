@@ -150,7 +150,7 @@ def cmd_eval(args) -> None:
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="tiny / phi-1.5 (random weights) or a Hugging Face checkpoint dir or hub id")
+    p.add_argument("--model", default="tiny", help="tiny / small / phi-1.5 (random weights) or a Hugging Face checkpoint dir or hub id")
     p.add_argument("--method", default="lora")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="method hyper-parameter, e.g. r=8")
     p.add_argument("--targets", nargs="+", default=None, help="target regexes (default: Q/K/V)")
@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     bench = sub.add_parser("bench", help="time training steps of each method (and HF PEFT with --peft)")
-    bench.add_argument("--model", default="tiny", help="tiny, or phi-1.5 (random weights, real shapes)")
+    bench.add_argument("--model", default="tiny", help="tiny, small or phi-1.5 (random weights, real shapes)")
     bench.add_argument("--batch", type=int, default=16)
     bench.add_argument("--seq-len", type=int, default=256)
     bench.add_argument("--methods", nargs="+", default=list(THESIS_METHODS))

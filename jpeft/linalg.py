@@ -4,6 +4,16 @@ Everything here is a pure function of arrays, differentiable and batchable. Orth
 factors are built in float32 (or float64 when the input is float64), whatever the
 compute dtype of the model, because the Cayley solve and the CWY triangular solve lose
 orthogonality quickly in bf16.
+
+The linear solves of a training step (the Cayley transform's inverse, the CWY triangular
+solve) never call LAPACK on a CPU. jaxlib 0.10's CPU LAPACK kernels (``getrf``, ``potrf``,
+``geqrf``, batched ``trsm``) split a batched call into sub-tasks on XLA's CPU thread pool
+and block a worker until they finish; a step runs one such call per adapted layer at
+once, and from about ten of them every worker waits and the step deadlocks (jax 0.9.2
+did not). On a CPU these solves are therefore short ``jnp`` loops, which cannot block;
+on every other platform they are the vendor's batched kernels (cuSOLVER, cuBLAS).
+``jax.lax.platform_dependent`` makes the choice when the step is lowered, so one traced
+function serves both.
 """
 
 from __future__ import annotations
@@ -11,7 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.linalg import solve_triangular
+from jax import lax
+from jax.scipy import linalg as jsp_linalg
 
 Array = jax.Array
 
@@ -36,13 +47,56 @@ def skew_from_vector(vec: Array, size: int) -> Array:
     return q - jnp.swapaxes(q, -1, -2)
 
 
+def _gauss_jordan_inverse(a: Array) -> Array:
+    """``a^{-1}`` (batched) by Gauss–Jordan elimination without pivoting: a ``fori_loop`` of
+    ``n`` masked rank-1 updates, pure ``jnp`` (no LAPACK). Needs non-vanishing pivots,
+    which :func:`inverse_positive_real` guarantees."""
+    n = a.shape[-1]
+    index = jnp.arange(n)
+
+    def eliminate(k, a):
+        e = (index == k).astype(a.dtype)  # e_k
+        keep = 1 - e
+        row = jnp.sum(a * e[:, None], axis=-2)  # a[k, :]
+        pivot = jnp.sum(row * e, axis=-1, keepdims=True)  # a[k, k]
+        col = jnp.sum(a * e, axis=-1) * keep  # a[:, k] without the pivot
+        row = (row * keep + e) / pivot  # the new row k: a[k, j] / p, and 1 / p in column k
+        a = a * keep - col[..., :, None] * row[..., None, :]  # column k becomes -a[i, k] / p
+        return a * keep[:, None] + e[:, None] * row[..., None, :]
+
+    return lax.fori_loop(0, n, eliminate, a)
+
+
+@jax.custom_jvp
+def inverse_positive_real(a: Array) -> Array:
+    """``a^{-1}`` for a (batch of) square ``a`` whose symmetric part is positive definite.
+
+    On a CPU, Gauss–Jordan elimination without pivoting in ``jnp`` (see the module note on
+    LAPACK); elsewhere ``jnp.linalg.inv`` (LU with pivoting). No pivoting is needed: each
+    pivot is a diagonal entry of a Schur complement of ``a``, and the Schur complements of
+    a matrix with positive-definite symmetric part have one too (Golub & Van Loan, *Matrix
+    Computations*, §4.2). For ``a = I - Q`` with ``Q`` skew, each Schur complement is
+    ``I + (PSD) + (skew)``, so every pivot is at least 1 and nothing grows. The derivative
+    ``d(a^{-1}) = -a^{-1} da a^{-1}`` is two matmuls, so the backward pass solves nothing.
+    """
+    return lax.platform_dependent(a, cpu=_gauss_jordan_inverse, default=jnp.linalg.inv)
+
+
+@inverse_positive_real.defjvp
+def _inverse_positive_real_jvp(primals, tangents):
+    (a,), (da,) = primals, tangents
+    x = inverse_positive_real(a)
+    return x, -(x @ da @ x)
+
+
 def cayley(q: Array, neumann_terms: int | None = None) -> Array:
     """Cayley transform ``R = (I + Q)(I - Q)^{-1}`` of skew-symmetric ``Q`` (batched).
 
     ``R`` is orthogonal with det 1 for every skew ``Q`` and ``R = I`` at ``Q = 0``
     (thesis eq. 5.2; Liu et al., "Controlling Text-to-Image Diffusion by Orthogonal
-    Finetuning", 2023). ``I + Q`` and ``(I - Q)^{-1}`` commute, so the exact transform is
-    one batched linear solve ``(I - Q) R = I + Q``, never an explicit inverse.
+    Finetuning", 2023). Since ``I + Q = 2I - (I - Q)``, the exact transform is
+    ``R = 2 (I - Q)^{-1} - I``: one inverse of ``I - Q``, whose symmetric part is ``I``
+    (:func:`inverse_positive_real`, which never deadlocks a CPU step).
 
     With ``neumann_terms = t`` the inverse is replaced by the truncated Neumann series
     ``(I - Q)^{-1} ≈ sum_{j<t} Q^j`` (HOFT, arXiv 2505.16531; HF PEFT's
@@ -52,7 +106,7 @@ def cayley(q: Array, neumann_terms: int | None = None) -> Array:
     size = q.shape[-1]
     eye = jnp.eye(size, dtype=q.dtype)
     if neumann_terms is None:
-        return jnp.linalg.solve(eye - q, eye + q)
+        return 2 * inverse_positive_real(eye - q) - eye
     series, power = eye, eye
     for _ in range(neumann_terms - 1):
         power = power @ q
@@ -93,10 +147,45 @@ def cwy_triangle(u: Array) -> Array:
     return jnp.triu(gram, 1) + jnp.diag(diag)
 
 
+def _substitute(t: Array, z: Array, transpose: bool) -> Array:
+    """``t^{-1} z`` (``t^{-T} z``) for upper-triangular ``t`` by back (forward) substitution:
+    a ``fori_loop`` of ``k`` row updates, pure ``jnp`` (no LAPACK)."""
+    system = jnp.swapaxes(t, -1, -2) if transpose else t  # lower-triangular when transposed
+    k = t.shape[-1]
+
+    def substitute(step, x):
+        i = step if transpose else k - 1 - step
+        row = lax.dynamic_index_in_dim(system, i, axis=-2, keepdims=False)  # unsolved x rows are still 0
+        rhs = lax.dynamic_index_in_dim(z, i, axis=-2, keepdims=False)
+        pivot = lax.dynamic_index_in_dim(row, i, axis=-1, keepdims=True)
+        xi = (rhs - jnp.einsum("...k,...kc->...c", row, x)) / pivot
+        return lax.dynamic_update_index_in_dim(x, xi, i, axis=-2)
+
+    return lax.fori_loop(0, k, substitute, jnp.zeros_like(z))
+
+
+def solve_upper_triangular(t: Array, z: Array, *, transpose: bool = False) -> Array:
+    """``t^{-1} z`` (``t^{-T} z`` with ``transpose``) for upper-triangular ``t`` (k × k) with a
+    non-zero diagonal and ``z`` (k × m), batched over leading axes.
+
+    On a CPU a substitution loop in ``jnp`` (see the module note on LAPACK); elsewhere
+    ``jax.scipy.linalg.solve_triangular``. Differentiated implicitly through
+    ``lax.custom_linear_solve``: the backward pass is one solve with the transposed system.
+    """
+
+    def solver(transposed: bool):
+        cpu = lambda b: _substitute(t, b, transposed)  # noqa: E731
+        default = lambda b: jsp_linalg.solve_triangular(t, b, lower=False, trans=int(transposed))  # noqa: E731
+        return lambda _, b: lax.platform_dependent(b, cpu=cpu, default=default)
+
+    t_of = (lambda x: jnp.swapaxes(t, -1, -2) @ x) if transpose else (lambda x: t @ x)
+    return lax.custom_linear_solve(t_of, z, solve=solver(transpose), transpose_solve=solver(not transpose))
+
+
 def householder_product(u: Array) -> Array:
     """Explicit ``H(u_0) ⋯ H(u_{k-1}) = I - U T^{-1} Uᵀ`` (d × d), by a triangular solve."""
     t = cwy_triangle(u)
-    return jnp.eye(u.shape[0], dtype=u.dtype) - u @ solve_triangular(t, u.T, lower=False)
+    return jnp.eye(u.shape[0], dtype=u.dtype) - u @ solve_upper_triangular(t, u.T)
 
 
 def apply_householder(x: Array, u: Array, *, transpose: bool = False) -> Array:
@@ -110,7 +199,7 @@ def apply_householder(x: Array, u: Array, *, transpose: bool = False) -> Array:
     ux = u.astype(x.dtype)
     z = (x @ ux).reshape(-1, u.shape[1]).T.astype(u.dtype)  # (k, T)
     # (z.T T^{-1}).T = T^{-T} z   and   (z.T T^{-T}).T = T^{-1} z
-    w = solve_triangular(t, z, lower=False, trans=0 if transpose else 1)
+    w = solve_upper_triangular(t, z, transpose=not transpose)
     return x - (w.T.astype(x.dtype) @ ux.T).reshape(x.shape)
 
 

@@ -46,6 +46,11 @@ NAMED_CONFIGS = {
         vocab_size=51200, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
         max_position_embeddings=2048, bos_token_id=50256, eos_token_id=50256,
     ),
+    # the size that finds CPU hangs and slow paths tiny shapes hide (a few steps on a laptop)
+    "small": dict(
+        vocab_size=8192, hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
+        max_position_embeddings=2048, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    ),
     "tiny": dict(
         vocab_size=1024, hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
         max_position_embeddings=512, bos_token_id=0, eos_token_id=0, pad_token_id=0,
@@ -59,7 +64,8 @@ _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")  # both are the tanh approximatio
 
 
 def config(name: str) -> PhiConfig:
-    """A named configuration, known offline: ``"phi-1.5"`` (microsoft/phi-1_5) or ``"tiny"``."""
+    """A named configuration, known offline: ``"phi-1.5"`` (microsoft/phi-1_5), ``"small"`` (4 layers,
+    hidden 512, vocab 8192: realistic shapes that run on a CPU) or ``"tiny"`` (for tests)."""
     if name not in NAMED_CONFIGS:
         raise ValueError(f"unknown model configuration {name!r}; known: {sorted(NAMED_CONFIGS)}")
     return PhiConfig(**_COMMON, **NAMED_CONFIGS[name])
