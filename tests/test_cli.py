@@ -98,9 +98,20 @@ def test_bench_compile_only_and_bad_configs(tmp_path, capsys):
     # a job that fails or times out is recorded, reported, and does not stop the others
     cfg = bench.BenchConfig(compile_only=True, methods=("lora",))
     failed = bench._run_job("jpeft", "lora", cfg, timeout=0.01)
-    assert failed == {"impl": "jpeft", "method": "lora", "error": "timed out after 0 s"}
-    assert "| jpeft | lora | failed: timed out after 0 s |" in bench.table([failed], cfg, {
+    assert failed["error"].startswith("timed out after 0 s; last output:")
+    assert "| jpeft | lora | failed: timed out after 0 s; last output:" in bench.table([failed], cfg, {
         "date": "today", "device": None, "environment": {"commit": None}})
+    # why a job died is never an empty string: an exit code with the worker's last line ...
+    crashed = bench._run_job("peft-eager", "shoft", cfg, timeout=300)
+    assert crashed["error"].startswith("exited with code 1; last output: ValueError: HF PEFT has no counterpart of 'shoft'")
+    assert "Traceback" in crashed["log"]
+    # ... or the signal that killed it (here a real process killed by SIGKILL, as the OOM killer does)
+    killed = subprocess.run([sys.executable, "-c", "import os, signal; print('compiling', flush=True); "
+                             "os.kill(os.getpid(), signal.SIGKILL)"], capture_output=True, text=True, timeout=60)
+    assert bench.job_failure("jpeft", "oft", killed.returncode, killed.stdout)["error"] == (
+        "killed by SIGKILL (signal 9); last output: compiling")
+    assert bench.job_failure("jpeft", "oft", 0, "")["error"] == (
+        "exited with code 0 without printing a result; last output: no output")
     with pytest.raises(ValueError, match="cannot be combined"):
         bench.jobs(bench.BenchConfig(compile_only=True), peft=True, peft_modes=("eager",))
     with pytest.raises(SystemExit):

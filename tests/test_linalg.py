@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.test_util import check_grads
 
 from jpeft import linalg
 from conftest import decaying_matrix
@@ -55,6 +56,56 @@ def test_cayley_is_orthogonal_and_neumann_approximates_it():
         small = 0.01 * q
         err = [float(jnp.abs(linalg.cayley(small, t) - linalg.cayley(small)).max()) for t in (2, 4, 12)]
         assert err[0] > err[1] > err[2] and err[2] < 1e-12
+
+
+def test_inverse_positive_real_float64_and_derivatives():
+    """The LAPACK-free inverse (Gauss–Jordan without pivoting, what a CPU runs) is exact for
+    I - Q with a large skew Q and for a non-symmetric matrix with SPD symmetric part, and
+    its derivatives (forward and reverse, to second order) match finite differences."""
+    with jax.enable_x64(True):
+        k1, k2, k3 = jax.random.split(jax.random.key(20), 3)
+        q = linalg.skew_from_vector(3.0 * jax.random.normal(k1, (3, 120), jnp.float64), 16)  # ||Q|| ≈ 30
+        g = jax.random.normal(k2, (16, 16), jnp.float64)
+        k = jax.random.normal(k3, (16, 16), jnp.float64)
+        mats = jnp.concatenate([jnp.eye(16) - q, (g @ g.T / 16 + jnp.eye(16) + k - k.T)[None]])
+        inv = linalg.inverse_positive_real(mats)
+        np.testing.assert_allclose(inv, np.linalg.inv(np.asarray(mats)), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(jax.vmap(linalg.inverse_positive_real)(mats), inv, rtol=1e-12, atol=1e-14)
+        check_grads(linalg.inverse_positive_real, (mats[-2:, :6, :6],), order=2, modes=("fwd", "rev"))
+        r = linalg.cayley(q)
+        np.testing.assert_allclose(r @ jnp.swapaxes(r, -1, -2), np.broadcast_to(np.eye(16), r.shape), atol=1e-12)
+    r32 = linalg.cayley(q.astype(jnp.float32))  # float32: orthogonal to rounding even at ||Q|| ≈ 30
+    assert float(jnp.abs(r32 @ jnp.swapaxes(r32, -1, -2) - jnp.eye(16)).max()) < 2e-5
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_solve_upper_triangular_float64_and_derivatives(transpose):
+    with jax.enable_x64(True):
+        k1, k2 = jax.random.split(jax.random.key(21))
+        t = jnp.triu(jax.random.normal(k1, (7, 7), jnp.float64)) + 3 * jnp.eye(7)
+        z = jax.random.normal(k2, (7, 5), jnp.float64)
+        x = linalg.solve_upper_triangular(t, z, transpose=transpose)
+        np.testing.assert_allclose(x, np.linalg.solve(np.asarray(t.T if transpose else t), np.asarray(z)), atol=1e-12)
+        batched = jax.vmap(lambda t, z: linalg.solve_upper_triangular(t, z, transpose=transpose))(
+            jnp.stack([t, 2 * t]), jnp.stack([z, z]))
+        np.testing.assert_allclose(batched[1], x / 2, atol=1e-12)
+        upper = lambda t, z: linalg.solve_upper_triangular(jnp.triu(t), z, transpose=transpose)  # noqa: E731
+        check_grads(upper, (t, z), order=2, modes=("fwd", "rev"))
+
+
+def test_step_solves_lower_without_lapack_on_cpu_and_with_vendor_kernels_on_gpu():
+    """jaxlib 0.10's batched CPU LAPACK calls deadlock a step with ~10 concurrent solves: the
+    CPU lowering of a Cayley + CWY gradient has no custom call at all, the CUDA lowering
+    keeps cuSOLVER's LU and cuBLAS' triangular solve."""
+    def step(q, u, x):
+        rotated = x @ linalg.block_diag(linalg.cayley(q - jnp.swapaxes(q, -1, -2)))
+        return jnp.sum(jax.vmap(linalg.apply_householder, (None, 0))(rotated, u) ** 2)
+
+    args = (jnp.zeros((2, 4, 4)), jnp.ones((3, 8, 2)), jnp.ones((5, 8)))
+    traced = jax.jit(jax.grad(step, argnums=(0, 1))).trace(*args)
+    assert "custom_call" not in traced.lower().as_text()
+    cuda = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert "cusolver_getrf" in cuda and "triangular_solve" in cuda
 
 
 def test_block_diag_and_its_application():
