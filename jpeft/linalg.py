@@ -49,20 +49,24 @@ def skew_from_vector(vec: Array, size: int) -> Array:
 
 def _gauss_jordan_inverse(a: Array) -> Array:
     """``a^{-1}`` (batched) by Gauss–Jordan elimination without pivoting: a ``fori_loop`` of
-    ``n`` masked rank-1 updates, pure ``jnp`` (no LAPACK). Needs non-vanishing pivots,
-    which :func:`inverse_positive_real` guarantees."""
+    ``n`` rank-1 updates, pure ``jnp`` (no LAPACK). Needs non-vanishing pivots, which
+    :func:`inverse_positive_real` guarantees.
+
+    Step ``k`` with pivot ``p = a[k, k]``, ``e = e_k`` and ``r = (a[k, :] with 1 at k) / p``:
+    ``a ← a·diag(1 - e) + e eᵀ - (a[:, k] - e) rᵀ``, which is the usual in-place update
+    (``a[i, j] -= a[i, k] a[k, j] / p``, row ``k`` divided by ``p``, column ``k`` becoming
+    ``-a[i, k] / p`` and the pivot ``1 / p``) as one fused expression.
+    """
     n = a.shape[-1]
     index = jnp.arange(n)
 
     def eliminate(k, a):
-        e = (index == k).astype(a.dtype)  # e_k
-        keep = 1 - e
-        row = jnp.sum(a * e[:, None], axis=-2)  # a[k, :]
-        pivot = jnp.sum(row * e, axis=-1, keepdims=True)  # a[k, k]
-        col = jnp.sum(a * e, axis=-1) * keep  # a[:, k] without the pivot
-        row = (row * keep + e) / pivot  # the new row k: a[k, j] / p, and 1 / p in column k
-        a = a * keep - col[..., :, None] * row[..., None, :]  # column k becomes -a[i, k] / p
-        return a * keep[:, None] + e[:, None] * row[..., None, :]
+        e = (index == k).astype(a.dtype)
+        row = lax.dynamic_index_in_dim(a, k, axis=-2, keepdims=False)
+        col = lax.dynamic_index_in_dim(a, k, axis=-1, keepdims=False)
+        pivot = lax.dynamic_index_in_dim(row, k, axis=-1, keepdims=True)
+        r = (row * (1 - e) + e) / pivot
+        return a * (1 - e) + e[:, None] * e - (col - e)[..., :, None] * r[..., None, :]
 
     return lax.fori_loop(0, n, eliminate, a)
 
