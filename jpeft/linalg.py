@@ -79,8 +79,9 @@ def inverse_positive_real(a: Array) -> Array:
     LAPACK); elsewhere ``jnp.linalg.inv`` (LU with pivoting). No pivoting is needed: each
     pivot is a diagonal entry of a Schur complement of ``a``, and the Schur complements of
     a matrix with positive-definite symmetric part have one too (Golub & Van Loan, *Matrix
-    Computations*, §4.2). For ``a = I - Q`` with ``Q`` skew, each Schur complement is
-    ``I + (PSD) + (skew)``, so every pivot is at least 1 and nothing grows. The derivative
+    Computations*, §4.2, nonsymmetric positive definite systems). For ``a = I - Q`` with
+    ``Q`` skew, each Schur complement is ``I + (PSD) + (skew)``, so every pivot is at least
+    1: nothing is ever divided by a small number. The derivative
     ``d(a^{-1}) = -a^{-1} da a^{-1}`` is two matmuls, so the backward pass solves nothing.
     """
     return lax.platform_dependent(a, cpu=_gauss_jordan_inverse, default=jnp.linalg.inv)
