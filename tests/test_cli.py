@@ -130,3 +130,15 @@ def test_experiment_grid_quick_run(tmp_path):
     rows = json.loads((out / "results.json").read_text())
     assert sorted(r["method"] for r in rows) == ["lora", "shoft"] and all(r["rank"] == 2 for r in rows)
     assert "| lora | 2 |" in (out / "results.md").read_text() and (out / "results.png").exists()
+
+
+def test_solve_bench_quick_run():
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "experiments", "solve_bench.py"), "--layers", "2", "--blocks", "2",
+         "--size", "8", "--steps", "1", "--mechanisms", "lapack-batched", "jpeft"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines()[2:]]
+    assert [r[1].strip() for r in rows] == ["lapack-batched", "jpeft"]
+    assert all(float(r[2]) > 0 for r in rows), proc.stdout  # two layers do not deadlock: both are timed
