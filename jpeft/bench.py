@@ -13,8 +13,8 @@ budget without a GPU.
 Model FLOP utilization counts the work a frozen-base PEFT step must do, forward plus
 backward to activations: ``4 · N · T`` for the ``N`` matmul parameters and ``T`` tokens,
 plus attention's ``8 · L · T · S · d / 2`` (causal), over the device's bf16 peak
-(DESIGN.md §4). HF PEFT runs use fp32 master weights under bf16 autocast, as the
-anchors of DESIGN.md §4 were measured, on exactly the modules jpeft targets.
+(``experiments/PERF.md``, "Cost model"). HF PEFT runs use fp32 master weights under bf16
+autocast, as PERF.md's reference figures were measured, on exactly the modules jpeft targets.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import time
 from typing import Callable
 
 #: bf16 peak FLOP/s by device kind (substring of ``device_kind`` or torch's device name).
-#: H100/H200: the ≈790 TFLOP/s the issue's targets are stated against (DESIGN.md §4; the
+#: H100/H200: the ≈790 TFLOP/s the targets are stated against (experiments/PERF.md; the
 #: datasheet's dense figure is 989); others: datasheet dense figures. ``peak_tflops`` overrides.
 PEAK_FLOPS = {"H100": 790e12, "H200": 790e12, "A100": 312e12, "L4": 121e12, "RTX 3090": 71e12}
 

@@ -2,7 +2,7 @@ r"""The thesis' seven commonsense tasks and the LLM-Adapters format: loading, pr
 
 Records keep their Hugging Face schemas and are read from local json / jsonl / parquet files
 (or by hub name, where the hub is reachable). Each becomes an :class:`Example`: the prompt and
-answer choices rendered with the PromptSource template the thesis used (DESIGN.md §6), and the
+answer choices rendered with the PromptSource template the thesis used (the table below), and the
 index of the correct choice. Bad records raise :class:`DataError` naming file, record and field;
 nothing is skipped.
 

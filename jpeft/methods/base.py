@@ -4,7 +4,7 @@ A method is a :class:`Method` record of plain functions (the optax style): a fro
 config dataclass that validates its hyper-parameters, ``init`` that builds the trainable
 and frozen arrays from the original kernel, ``materialize`` that rebuilds the full
 weight, ``factored`` that applies the adapted layer to activations without forming the
-weight, and ``flops``, the cost model that picks between the two (DESIGN.md §4).
+weight, and ``flops``, the cost model that picks between the two (``experiments/PERF.md``, "Cost model").
 
 Orientation: a Flax kernel ``K`` is (in, out) and computes ``y = x @ K``; the thesis
 writes the weight as ``M = Kᵀ`` (out × in), so its left factors act on outputs.

@@ -12,7 +12,7 @@ HF PEFT mapping: LoRA's, plus ``lora_magnitude_vector = m``.
 
 Paths: factored ``y = g ⊙ (x K + s (dropout(x) a) b)``, ``g = m / ||V||``, where
 ``||V||² = ||K||² + 2s·colsum((aᵀK) ⊙ b) + s²·colsum(b ⊙ (aᵀa) b)`` costs O(r·n·m) without
-forming ``V`` (DESIGN.md §4); materializing pays the dense weight gradient, so the
+forming ``V``; materializing pays the dense weight gradient, so the
 factored path is chosen whenever ``T > r``.
 """
 

@@ -1,6 +1,6 @@
 """Phi-1.5 (transformers' ``PhiForCausalLM``) in Flax, consuming jpeft nodes directly.
 
-Architecture (DESIGN.md §5): a decoder-only transformer whose blocks are *parallel*,
+Architecture: a decoder-only transformer whose blocks are *parallel*,
 ``x + attn(ln(x)) + mlp(ln(x))`` with one LayerNorm, rotary embeddings on the first
 ``partial_rotary_factor`` of each head (rotate-half convention), ``gelu_new`` MLP, biases
 on every linear layer including ``lm_head``, untied embeddings.
