@@ -55,7 +55,8 @@ def make_config(method: str, **hparams) -> Any:
     unknown = sorted(set(hparams) - set(known))
     if unknown:
         raise TypeError(f"method {method!r} got unknown hyper-parameter(s) {unknown}; valid: {known}")
-    return cls(**hparams)
+    # NumPy scalars (np.int64(4), np.float32(16)) become the Python values configs hold and hash
+    return cls(**{k: v.item() if isinstance(v, np.generic) else v for k, v in hparams.items()})
 
 
 def _key_name(entry) -> str:
@@ -95,8 +96,8 @@ def match_targets(params: PyTree, targets: str | Iterable[str] | None = None) ->
     """Paths of the leaves of ``params`` that fully match one of the ``targets`` regexes.
 
     Raises ValueError for a pattern that matches nothing (listing the 2-D kernel paths
-    that exist), for a matched leaf that is not a 2-D floating-point array (naming its
-    path, shape and dtype).
+    that exist) or an already adapted kernel (a node), and for a matched leaf that is not a
+    2-D floating-point array (naming its path, shape and dtype).
     """
     leaves = leaves_with_paths(params)
     chosen: list[str] = []
@@ -105,7 +106,14 @@ def match_targets(params: PyTree, targets: str | Iterable[str] | None = None) ->
             regex = re.compile(pattern)
         except re.error as e:
             raise ValueError(f"target {pattern!r} is not a valid regex: {e}") from None
-        hits = [p for p, leaf in leaves if not is_node(leaf) and regex.fullmatch(p)]
+        adapted = [f"{p} ({leaf.method})" for p, leaf in leaves if is_node(leaf) and regex.fullmatch(p)]
+        if adapted:
+            raise ValueError(
+                f"target {pattern!r} matches kernels that are already adapted: {adapted[:10]}"
+                f"{' ...' if len(adapted) > 10 else ''}. Adapt the original parameters, or "
+                "jpeft.materialize the tree first to adapt the merged weights."
+            )
+        hits = [p for p, leaf in leaves if regex.fullmatch(p)]
         if not hits:
             kernels = [p for p, leaf in leaves if not is_node(leaf) and _is_kernel(leaf)]
             raise ValueError(
@@ -195,11 +203,53 @@ def partition(adapted: PyTree) -> tuple[PyTree, PyTree]:
     return trainable, frozen
 
 
+def _describe(leaf) -> str:
+    if leaf is None:
+        return "None"
+    if is_node(leaf):
+        return f"a {leaf.method} node of shape {leaf.shape} ({leaf.config})"
+    return f"an array of shape {tuple(getattr(leaf, 'shape', ()))}"
+
+
+def _first_mismatch(trainable: PyTree, frozen: PyTree) -> str | None:
+    """Where two trees that :func:`combine` should join first differ (nodes compared by
+    method, config and shape), or ``None``."""
+    def flat(tree):
+        leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None or is_node(x))
+        return [(path_str(p), x) for p, x in leaves]
+
+    a, b = flat(trainable), flat(frozen)
+    for (pa, xa), (pb, xb) in zip(a, b):
+        if pa != pb:
+            return f"at {pa!r} in trainable against {pb!r} in frozen (different keys)"
+        same_node = is_node(xa) and is_node(xb) and (xa.method, xa.config, xa.shape) == (xb.method, xb.config, xb.shape)
+        if (is_node(xa) or is_node(xb)) and not same_node:
+            return f"at {pa!r}: {_describe(xa)} in trainable, {_describe(xb)} in frozen"
+    if len(a) != len(b):
+        longer, name = (a, "trainable") if len(a) > len(b) else (b, "frozen")
+        return f"at {longer[min(len(a), len(b))][0]!r}, which only {name} has"
+    return None
+
+
 def combine(trainable: PyTree, frozen: PyTree) -> PyTree:
-    """Inverse of :func:`partition`: take every non-``None`` leaf of either tree."""
-    return jax.tree_util.tree_map(
-        lambda a, b: b if a is None else a, trainable, frozen, is_leaf=lambda x: x is None
-    )
+    """Inverse of :func:`partition`: take every non-``None`` leaf of either tree.
+
+    Trees that are not two halves of one :func:`partition` are refused, naming the first
+    path where they differ (different keys, nodes of another method or config, a leaf
+    that both or neither tree holds).
+    """
+    hint = "combine takes the two halves that jpeft.partition returned for one tree"
+    problem = _first_mismatch(trainable, frozen)
+    if problem:
+        raise ValueError(f"combine: the trainable and frozen trees differ {problem}; {hint}")
+
+    def take(path, a, b):
+        if (a is None) == (b is None):
+            which = "neither tree has" if a is None else "both trees have"
+            raise ValueError(f"combine: {which} an array at {path_str(path)!r}; {hint}")
+        return b if a is None else a
+
+    return jax.tree_util.tree_map_with_path(take, trainable, frozen, is_leaf=lambda x: x is None)
 
 
 def _size(x) -> int:

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,6 +131,42 @@ def test_target_that_matches_nothing_lists_paths(params):
         jpeft.apply(params, "lora", key=jax.random.key(0), targets=["q_proj", "query/kernel"][1:])
     with pytest.raises(ValueError, match="not a valid regex"):
         jpeft.apply(params, "lora", key=jax.random.key(0), targets="(")
+
+
+def test_adapting_an_adapted_kernel_says_so(params):
+    adapted = jpeft.apply(params, "lora", key=jax.random.key(0), targets=r".*/q_proj/kernel", r=2)
+    with pytest.raises(ValueError, match=r"already adapted: \['model/layers_0/self_attn/q_proj/kernel \(lora\)'.*materialize"):
+        jpeft.apply(adapted, "oft", key=jax.random.key(1), targets=r".*/(q|k)_proj/kernel", block_size=8)
+    both = jpeft.apply(adapted, "oft", key=jax.random.key(1), targets=r".*/k_proj/kernel", block_size=8)  # others: fine
+    assert jpeft.count_params(both)["targets"]["model/layers_1/self_attn/k_proj/kernel"]["method"] == "oft"
+
+
+def test_combine_names_the_first_mismatch(params):
+    lora = jpeft.apply(params, "lora", key=jax.random.key(0), r=2)
+    trainable, frozen = jpeft.partition(lora)
+    _, other_frozen = jpeft.partition(jpeft.apply(params, "lora", key=jax.random.key(0), r=4))
+    with pytest.raises(ValueError, match=r"differ at 'model/layers_0/self_attn/k_proj/kernel': a lora node .*r=2.* in trainable, "
+                                         r"a lora node .*r=4.* in frozen; combine takes the two halves"):
+        jpeft.combine(trainable, other_frozen)
+    with pytest.raises(ValueError, match=r"differ at 'model/layers_0/self_attn/k_proj/kernel': a lora node .* in trainable, "
+                                         r"an array of shape \(32, 32\) in frozen"):
+        jpeft.combine(trainable, params)
+    missing = {"model": {k: v for k, v in frozen["model"].items() if k != "layers_1"}}
+    with pytest.raises(ValueError, match=r"at 'model/layers_1/input_layernorm/bias', which only trainable has"):
+        jpeft.combine(trainable, missing)
+    with pytest.raises(ValueError, match=r"both trees have an array at 'model/layers_0/input_layernorm/bias'"):
+        jpeft.combine(frozen, frozen)
+    with pytest.raises(ValueError, match=r"neither tree has an array at 'model/layers_0/input_layernorm/bias'"):
+        jpeft.combine(trainable, trainable)
+
+
+def test_numpy_scalars_are_hyper_parameters(params):
+    plain = jpeft.apply(params, "lora", key=jax.random.key(0), r=4, alpha=16.0, dropout=0.0)
+    numpy = jpeft.apply(params, "lora", key=jax.random.key(0), r=np.int64(4), alpha=np.float32(16), dropout=np.float64(0))
+    node = numpy["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    assert node.config == plain["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"].config
+    assert type(node.config.r) is int and type(node.config.alpha) is float
+    chex.assert_trees_all_equal(numpy, plain)
 
 
 def test_non_2d_and_integer_targets(params):
