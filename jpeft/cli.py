@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
@@ -10,8 +11,28 @@ import sys
 import jax
 import jax.numpy as jnp
 
+from jpeft import train
+from jpeft.models import phi
+
 THESIS_METHODS = ("lora", "dora", "lokr", "oft", "boft", "shoft", "rhoft")
+ALL_METHODS = (*THESIS_METHODS, "hra")
 REMAT_HELP = "what each layer keeps for backward: none (fastest), dots (linear outputs only), full (layer inputs only)"
+METHODS_HELP = f"built-in methods: {', '.join(ALL_METHODS)}"
+SET_HELP = "a method hyper-parameter, NAME=VALUE (one method in play) or METHOD.NAME=VALUE, e.g. r=8 or lora.r=8"
+
+
+DTYPES = train.COMPUTE_DTYPES
+REMATS = tuple(phi.REMAT_POLICIES)
+NAMED_MODELS = tuple(phi.NAMED_CONFIGS)
+
+
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default where there is one to show (not None, [] or a flag's False)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, [], False):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def abstract_model(name: str):
@@ -21,15 +42,26 @@ def abstract_model(name: str):
     return phi.param_shapes(phi.make_model(phi.config(name)))
 
 
-def parse_hparams(items: list[str]) -> dict[str, dict]:
-    """``["lora.r=8", "rhoft.k=512"]`` -> ``{"lora": {"r": 8}, "rhoft": {"k": 512}}`` (values as JSON)."""
+def parse_hparams(items: list[str], methods, also=()) -> dict[str, dict]:
+    """``--set`` values -> ``{method: {name: value}}`` (values parsed as JSON where they are).
+
+    Every subcommand takes ``METHOD.NAME=VALUE``, and ``NAME=VALUE`` where one method is in
+    play; ``METHOD`` must be one of ``methods`` (or ``also``: bench's HRA baseline).
+    """
+    methods = list(methods)
     out: dict[str, dict] = {}
     for item in items:
-        try:
-            lhs, value = item.split("=", 1)
-            method, name = lhs.split(".", 1)
-        except ValueError:
-            raise SystemExit(f"--set expects METHOD.NAME=VALUE, got {item!r}") from None
+        lhs, sep, value = item.partition("=")
+        method, dot, name = lhs.rpartition(".")
+        if not sep or not name:
+            raise ValueError(f"--set expects NAME=VALUE or METHOD.NAME=VALUE, got {item!r}")
+        if not dot:
+            if len(methods) != 1:
+                raise ValueError(f"--set {item!r} names no method and {len(methods)} are in play {methods}: "
+                                 "write METHOD.NAME=VALUE")
+            method = methods[0]
+        elif method not in (*methods, *also):
+            raise ValueError(f"--set {item!r} is for {method!r}, which is not among the methods {methods}")
         try:
             parsed = json.loads(value)
         except json.JSONDecodeError:
@@ -50,7 +82,7 @@ def print_counts(model: str, methods, targets=None, hparams=None, as_json: bool 
 
 
 def cmd_count(args) -> None:
-    print_counts(args.model, args.methods, args.targets, parse_hparams(args.set), args.json)
+    print_counts(args.model, args.methods, args.targets, parse_hparams(args.set, args.methods), args.json)
 
 
 def cmd_demo(args) -> None:
@@ -89,7 +121,7 @@ def cmd_demo(args) -> None:
         print(f"   {task:14s} validation accuracy {r['accuracy']:.3f} (n={r['n']}; a random-weight model: chance level)")
 
     print("\n3. Phi-1.5 parameter counts (Q/K/V targets, thesis hyper-parameters), from shapes only:\n")
-    print_counts("phi-1.5", THESIS_METHODS)
+    print_counts("phi-1.5", ALL_METHODS)
 
 
 def cmd_bench(args) -> None:
@@ -98,7 +130,7 @@ def cmd_bench(args) -> None:
     cfg = bench.BenchConfig(
         model=args.model, batch=args.batch, seq_len=args.seq_len, methods=tuple(args.methods),
         targets=tuple(args.targets) if args.targets else None, compute_dtype=args.dtype,
-        param_dtype=args.param_dtype, warmup=args.warmup, steps=args.steps, hparams=parse_hparams(args.set),
+        param_dtype=args.param_dtype, warmup=args.warmup, steps=args.steps, hparams=parse_hparams(args.set, args.methods, ('hra',)),
         compile_only=args.compile_only, peak_tflops=args.peak_tflops, remat=args.remat,
         profile_dir=os.path.join(args.out, "profile") if args.profile else None,
     )
@@ -119,7 +151,7 @@ def _run_config(args):
         learning_rate=args.lr, warmup_steps=args.warmup_steps, epochs=args.epochs, batch_size=args.batch_size,
         grad_accum=args.grad_accum, max_length=args.max_length, compute_dtype=args.dtype, remat=args.remat, seed=args.seed,
     )
-    hparams = parse_hparams([f"{args.method}.{s}" for s in args.set]).get(args.method, {})
+    hparams = parse_hparams(args.set, [args.method]).get(args.method, {})
     return pipeline.RunConfig(
         model=args.model, method=args.method, hparams=hparams, targets=tuple(args.targets) if args.targets else None,
         tasks=pipeline.parse_tasks(args.tasks), data_dir=args.data_dir, instructions=getattr(args, "instructions", None),
@@ -151,8 +183,8 @@ def cmd_eval(args) -> None:
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="tiny / small / phi-1.5 (random weights) or a Hugging Face checkpoint dir or hub id")
-    p.add_argument("--method", default="lora")
-    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="method hyper-parameter, e.g. r=8")
+    p.add_argument("--method", default="lora", help=METHODS_HELP)
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help=SET_HELP)
     p.add_argument("--targets", nargs="+", default=None, help="target regexes (default: Q/K/V)")
     p.add_argument("--tasks", nargs="+", default=["piqa"], help="task names or 'all'")
     p.add_argument("--data-dir", default=None, help="{task}/{split}.jsonl|json|parquet in HF schemas (default: bundled samples)")
@@ -165,25 +197,27 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--dtype", default="bfloat16", help="compute dtype (frozen weights are stored in it too)")
-    p.add_argument("--remat", default="none", help=REMAT_HELP)
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="compute dtype (frozen weights are stored in it too)")
+    p.add_argument("--remat", default="none", choices=REMATS, help=REMAT_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-dir", default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jpeft", description="Parameter-efficient fine-tuning in JAX.")
+    fmt = _HelpWithDefaults
+    parser = argparse.ArgumentParser(prog="jpeft", description="Parameter-efficient fine-tuning in JAX.", formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('jpeft')}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    count = sub.add_parser("count", help="parameter-count table, computed from shapes only (works offline)")
-    count.add_argument("--model", default="phi-1.5", help="a named configuration (default: phi-1.5)")
-    count.add_argument("--methods", nargs="+", default=list(THESIS_METHODS))
+    count = sub.add_parser("count", formatter_class=fmt, help="parameter-count table, computed from shapes only (works offline)")
+    count.add_argument("--model", default="phi-1.5", choices=NAMED_MODELS, help="a named configuration")
+    count.add_argument("--methods", nargs="+", default=list(ALL_METHODS), help=METHODS_HELP)
     count.add_argument("--targets", nargs="+", default=None, help="target regexes (default: Q/K/V)")
-    count.add_argument("--set", action="append", default=[], metavar="METHOD.NAME=VALUE", help="override a hyper-parameter")
+    count.add_argument("--set", action="append", default=[], metavar="METHOD.NAME=VALUE", help=SET_HELP)
     count.add_argument("--json", action="store_true", help="print JSON instead of a table")
     count.set_defaults(func=cmd_count)
 
-    tr = sub.add_parser("train", help="fine-tune with a method, then evaluate (resumes from the run directory)")
+    tr = sub.add_parser("train", formatter_class=fmt, help="fine-tune with a method, then evaluate (resumes from the run directory)")
     _add_run_options(tr)
     tr.add_argument("--instructions", default=None, help="train on an LLM-Adapters json file instead of the tasks' train splits")
     tr.add_argument("--steps", type=int, default=None, help="total steps (default: epochs x steps per epoch)")
@@ -193,35 +227,35 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--merged-out", default=None, help="also write the merged model in Hugging Face format here")
     tr.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="multiple-choice accuracy of a model (zero-shot) or model + adapter")
+    ev = sub.add_parser("eval", formatter_class=fmt, help="multiple-choice accuracy of a model (zero-shot) or model + adapter")
     _add_run_options(ev)
     ev.add_argument("--adapter", default=None, help="an adapter directory written by jpeft train")
     ev.set_defaults(func=cmd_eval)
 
-    bench = sub.add_parser("bench", help="time training steps of each method (and HF PEFT with --peft)")
-    bench.add_argument("--model", default="tiny", help="tiny, small or phi-1.5 (random weights, real shapes)")
+    bench = sub.add_parser("bench", formatter_class=fmt, help="time training steps of each method (and HF PEFT with --peft)")
+    bench.add_argument("--model", default="tiny", choices=NAMED_MODELS, help="random weights, real shapes")
     bench.add_argument("--batch", type=int, default=16)
     bench.add_argument("--seq-len", type=int, default=256)
-    bench.add_argument("--methods", nargs="+", default=list(THESIS_METHODS))
+    bench.add_argument("--methods", nargs="+", default=list(THESIS_METHODS), help=METHODS_HELP)
     bench.add_argument("--targets", nargs="+", default=None)
-    bench.add_argument("--dtype", default="bfloat16", help="compute dtype")
-    bench.add_argument("--param-dtype", default="bfloat16", help="dtype of the frozen base weights")
+    bench.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="compute dtype")
+    bench.add_argument("--param-dtype", default="bfloat16", choices=DTYPES, help="dtype of the frozen base weights")
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--steps", type=int, default=10)
-    bench.add_argument("--set", action="append", default=[], metavar="METHOD.NAME=VALUE")
+    bench.add_argument("--set", action="append", default=[], metavar="METHOD.NAME=VALUE", help=SET_HELP)
     bench.add_argument("--peft", action="store_true",
                        help="also time HF PEFT (torch), eager and torch.compile; with shoft/rhoft, PEFT's HRA too")
     bench.add_argument("--compile-only", action="store_true",
                        help="compile at abstract shapes and report XLA's FLOP and memory, without running (works on CPU at full size)")
     bench.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak for MFU (default: by device name)")
-    bench.add_argument("--remat", default="none", help=REMAT_HELP)
+    bench.add_argument("--remat", default="none", choices=REMATS, help=REMAT_HELP)
     bench.add_argument("--profile", action="store_true",
                        help="also trace a few steps of each run into OUT/profile/<impl>-<method>.trace.json.gz (open in Perfetto)")
     bench.add_argument("--timeout", type=float, default=1800, help="seconds allowed per job")
     bench.add_argument("--out", default="runs/bench", help="output directory for JSON, markdown and PNG")
     bench.set_defaults(func=cmd_bench)
 
-    demo = sub.add_parser("demo", help="offline demo: every method, a short fine-tuning run, the Phi-1.5 count table")
+    demo = sub.add_parser("demo", formatter_class=fmt, help="offline demo: every method, a short fine-tuning run, the Phi-1.5 count table")
     demo.add_argument("--method", default="lora")
     demo.add_argument("--steps", type=int, default=300)
     demo.add_argument("--run-dir", default=None)

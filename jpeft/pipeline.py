@@ -116,9 +116,6 @@ def to_jsonable(cfg: RunConfig) -> dict:
 def finetune(cfg: RunConfig, run_dir: str, *, max_steps=None, stop_at=None, checkpoint_every=100, log_every=10,
              progress=True, merged_out: str | None = None) -> dict:
     """Adapt, train (resuming if ``run_dir`` has checkpoints), evaluate; returns the summary."""
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "run.json"), "w") as f:
-        json.dump(to_jsonable(cfg), f, indent=2)
     dtype = jnp.dtype(cfg.train.compute_dtype)
     model, params, hf_config = load_model(cfg.model, dtype, dtype, cfg.seed)
     model = model.clone(remat=cfg.train.remat)
@@ -126,6 +123,10 @@ def finetune(cfg: RunConfig, run_dir: str, *, max_steps=None, stop_at=None, chec
     adapted = core.apply(params, cfg.method, key=jax.random.key(cfg.seed), targets=list(cfg.targets) if cfg.targets else None,
                          **cfg.hparams)
     encoded = data.encode_pairs(training_pairs(cfg), tokenizer, cfg.train.max_length)
+    # only now, with the model, the method and the data validated: a bad run leaves no directory
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "run.json"), "w") as f:
+        json.dump(to_jsonable(cfg), f, indent=2)
     trained, records = train.fit(model, adapted, encoded, cfg.train, run_dir, max_steps=max_steps, stop_at=stop_at,
                                  checkpoint_every=checkpoint_every, log_every=log_every, progress=progress)
     summary = {"run_dir": run_dir, "trainable": core.count_params(adapted)["trainable"],

@@ -19,12 +19,41 @@ def test_count_phi15_offline(capsys):
     assert rows["full fine-tuning"]["trainable"] == 1_418_270_720
     assert rows["lora"]["trainable"] == 4_718_592 and rows["rhoft"]["trainable"] == 4_792_320
     assert rows["oft"]["trainable"] == 4_644_864 and rows["shoft"]["trainable"] == 4_866_048
+    assert rows["hra"]["trainable"] == 72 * 16 * 2048  # every built-in method is listed
     # RHOFT drops the 72 Q/K/V matrices for rank-1024 factors of the same size
     assert rows["rhoft"]["frozen"] == 1_418_270_720
     cli.main(["count", "--model", "phi-1.5", "--methods", "lora", "--set", "lora.r=8"])
     assert "| lora | r=8, alpha=32.0" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli.main(["count", "--methods", "lorax"])
+
+
+def test_set_syntax_version_help_and_no_run_dir_on_bad_input(tmp_path, capsys):
+    # --set: NAME=VALUE where one method is in play, METHOD.NAME=VALUE everywhere
+    assert cli.parse_hparams(["r=8", "lora.alpha=4", "init=\"kaiming\""], ["lora"]) == {
+        "lora": {"r": 8, "alpha": 4, "init": "kaiming"}}
+    assert cli.parse_hparams(["hra.r=4"], ["shoft"], also=("hra",)) == {"hra": {"r": 4}}
+    for items, methods, message in [
+        (["r=8"], ["lora", "oft"], r"names no method and 2 are in play \['lora', 'oft'\]: write METHOD.NAME=VALUE"),
+        (["oft.block_size=8"], ["lora"], r"is for 'oft', which is not among the methods \['lora'\]"),
+        (["r"], ["lora"], r"--set expects NAME=VALUE or METHOD.NAME=VALUE, got 'r'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            cli.parse_hparams(items, methods)
+    cli.main(["count", "--methods", "lora", "--set", "r=8"])
+    assert "| lora | r=8, alpha=32.0" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("jpeft 0.")
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--model {phi-1.5,small,tiny}" in help_text and "(default: tiny)" in help_text and "hra" in help_text
+    # a run refused by validation leaves no run directory behind
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--method", "oft", "--set", "block_size=5", "--steps", "1", "--run-dir", str(run)])
+    assert "block_size=5 does not divide" in capsys.readouterr().err and not run.exists()
 
 
 def test_train_then_eval_with_the_adapter(tmp_path, capsys):
