@@ -19,8 +19,6 @@ ALL_METHODS = (*THESIS_METHODS, "hra")
 REMAT_HELP = "what each layer keeps for backward: none (fastest), dots (linear outputs only), full (layer inputs only)"
 METHODS_HELP = f"built-in methods: {', '.join(ALL_METHODS)}"
 SET_HELP = "a method hyper-parameter, NAME=VALUE (one method in play) or METHOD.NAME=VALUE, e.g. r=8 or lora.r=8"
-
-
 DTYPES = train.COMPUTE_DTYPES
 REMATS = tuple(phi.REMAT_POLICIES)
 NAMED_MODELS = tuple(phi.NAMED_CONFIGS)
@@ -37,8 +35,6 @@ class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
 
 def abstract_model(name: str):
     """Shapes of a named model's parameters (``jax.eval_shape``: nothing is allocated)."""
-    from jpeft.models import phi
-
     return phi.param_shapes(phi.make_model(phi.config(name)))
 
 
@@ -90,8 +86,7 @@ def cmd_demo(args) -> None:
     import tempfile
 
     import jpeft
-    from jpeft import pipeline, train
-    from jpeft.models import phi
+    from jpeft import pipeline
 
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}\n")
     model, params = phi.init(phi.config("tiny"), jax.random.key(0))
@@ -145,7 +140,7 @@ def cmd_bench(args) -> None:
 
 
 def _run_config(args):
-    from jpeft import pipeline, train
+    from jpeft import pipeline
 
     tcfg = train.TrainConfig(
         learning_rate=args.lr, warmup_steps=args.warmup_steps, epochs=args.epochs, batch_size=args.batch_size,
