@@ -18,7 +18,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 
 MECHANISMS = ("lapack-batched", "lapack-map", "jpeft")
 
@@ -28,6 +27,7 @@ def worker(mechanism: str, layers: int, blocks: int, size: int, steps: int) -> d
     import jax.numpy as jnp
 
     from jpeft import linalg
+    from jpeft.bench import timed_steps
 
     eye = jnp.eye(size)
     cayley = {
@@ -37,14 +37,8 @@ def worker(mechanism: str, layers: int, blocks: int, size: int, steps: int) -> d
     }[mechanism]
     qs = [0.01 * jax.random.normal(jax.random.key(i), (blocks, size, size)) for i in range(layers)]
     step = jax.jit(jax.grad(lambda qs: sum(jnp.sum(cayley(q - jnp.swapaxes(q, -1, -2)) ** 2) for q in qs)))
-    start = time.perf_counter()
-    jax.block_until_ready(step(qs))
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        jax.block_until_ready(step(qs))
-        times.append(time.perf_counter() - start)
+    (first,) = timed_steps(lambda: jax.block_until_ready(step(qs)), 0, 1)
+    times = timed_steps(lambda: jax.block_until_ready(step(qs)), 0, steps)
     return {"device": jax.devices()[0].device_kind, "compile_and_first_s": first, "ms": 1e3 * statistics.median(times)}
 
 

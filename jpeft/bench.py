@@ -126,7 +126,8 @@ def trace_path(cfg: BenchConfig, impl: str, method: str) -> str:
     return os.path.join(cfg.profile_dir, f"{impl}-{method}.trace.json.gz")
 
 
-def _timed(fn: Callable[[], None], warmup: int, steps: int) -> list[float]:
+def timed_steps(fn: Callable[[], None], warmup: int, steps: int) -> list[float]:
+    """Seconds of each of ``steps`` calls of ``fn`` (which must synchronize), after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
@@ -175,9 +176,7 @@ def run_jpeft(cfg: BenchConfig, method: str) -> dict:
     adapted = abstract(build, jax.random.key(0))
     trainable, frozen = jpeft.partition(adapted)
     state = abstract(make_state, trainable)
-    ids = jax.random.randint(jax.random.key(2), (cfg.batch, cfg.seq_len), 0, config.vocab_size, jnp.int32)
-    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "targets": jnp.roll(ids, -1, axis=1),
-             "loss_mask": jnp.ones(ids.shape, jnp.float32)}
+    batch = train.random_lm_batch(jax.random.key(2), cfg.batch, cfg.seq_len, config.vocab_size)
     step = train.make_train_step(train.lm_loss_fn(model), tx, 1)
     start = time.perf_counter()
     compiled = step.lower(state, frozen, batch).compile()
@@ -197,7 +196,7 @@ def run_jpeft(cfg: BenchConfig, method: str) -> dict:
         holder["state"], metrics = compiled(holder["state"], frozen, batch)
         jax.block_until_ready(metrics["loss"])
 
-    times = _timed(one, cfg.warmup, cfg.steps)
+    times = timed_steps(one, cfg.warmup, cfg.steps)
     if cfg.profile_dir:
         with tempfile.TemporaryDirectory() as tmp:
             with jax.profiler.trace(tmp):
@@ -283,7 +282,7 @@ def run_peft(cfg: BenchConfig, method: str, compiled: bool) -> dict:
     start = time.perf_counter()
     one()  # the first step compiles under torch.compile
     compile_s = time.perf_counter() - start
-    times = _timed(one, cfg.warmup, cfg.steps)
+    times = timed_steps(one, cfg.warmup, cfg.steps)
     impl = "peft-compiled" if compiled else "peft-eager"
     if cfg.profile_dir:
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -343,7 +342,7 @@ def job_failure(impl: str, method: str, returncode: int | None, output: str | by
     log = (output or "").strip()[-4000:]
     if timeout is not None:
         reason = f"timed out after {timeout:.0f} s"
-    elif returncode is not None and returncode < 0:
+    elif returncode < 0:
         try:
             name = signal.Signals(-returncode).name
         except ValueError:

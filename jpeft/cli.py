@@ -12,10 +12,11 @@ import jax
 import jax.numpy as jnp
 
 from jpeft import train
+from jpeft.methods import BUILTIN
 from jpeft.models import phi
 
 THESIS_METHODS = ("lora", "dora", "lokr", "oft", "boft", "shoft", "rhoft")
-ALL_METHODS = (*THESIS_METHODS, "hra")
+ALL_METHODS = tuple(BUILTIN)  # the thesis' seven, then hra
 REMAT_HELP = "what each layer keeps for backward: none (fastest), dots (linear outputs only), full (layer inputs only)"
 METHODS_HELP = f"built-in methods: {', '.join(ALL_METHODS)}"
 SET_HELP = "a method hyper-parameter, NAME=VALUE (one method in play) or METHOD.NAME=VALUE, e.g. r=8 or lora.r=8"

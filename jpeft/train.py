@@ -140,6 +140,14 @@ def lm_loss_fn(model) -> Callable:
     return loss
 
 
+def random_lm_batch(key: Array, batch_size: int, seq_len: int, vocab_size: int) -> dict:
+    """A batch of uniform random tokens in the train step's format, every token a target
+    (for benchmarks and smoke runs, where the data does not matter)."""
+    ids = jax.random.randint(key, (batch_size, seq_len), 0, vocab_size, jnp.int32)
+    return {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "targets": jnp.roll(ids, -1, axis=1),
+            "loss_mask": jnp.ones(ids.shape, jnp.float32)}
+
+
 def make_train_step(loss: Callable, tx: optax.GradientTransformation, grad_accum: int) -> Callable:
     """A jitted ``step(state, frozen, batch) -> (state, metrics)``.
 

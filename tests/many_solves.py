@@ -37,9 +37,7 @@ def train_two_steps(method: str) -> list[float]:
     tx = train.optimizer(train.TrainConfig(batch_size=2, warmup_steps=0, learning_rate=1e-2), 2)
     state = train.init_state(trainable, tx, 0)
     step = train.make_train_step(train.lm_loss_fn(model), tx, 1)
-    ids = jax.random.randint(jax.random.key(2), (2, 32), 0, 1024)
-    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "targets": jnp.roll(ids, -1, axis=1),
-             "loss_mask": jnp.ones(ids.shape, jnp.float32)}
+    batch = train.random_lm_batch(jax.random.key(2), 2, 32, 1024)
     losses = []
     for _ in range(2):
         state, metrics = step(state, frozen, batch)
