@@ -3,6 +3,7 @@
     adapted = jpeft.apply(params, "rhoft", key=jax.random.key(0), r_u=16, r_v=16, k=1024)
     trainable, frozen = jpeft.partition(adapted)
     merged = jpeft.materialize(adapted)
+    logits = jpeft.wrap(model.apply)({"params": adapted}, x)   # any unmodified Flax model
     jpeft.count_params(adapted)
 """
 
@@ -19,6 +20,7 @@ from jpeft.core import (
     register,
 )
 from jpeft.methods.base import Method
+from jpeft.wrap import wrap
 from jpeft.node import Node, is_node
 
 __all__ = [
@@ -35,5 +37,6 @@ __all__ = [
     "methods",
     "partition",
     "register",
+    "wrap",
 ]
 __version__ = "0.1.0"

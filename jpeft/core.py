@@ -67,7 +67,14 @@ def _key_name(entry) -> str:
 
 
 def path_str(path) -> str:
-    """'/'-joined string of a pytree key path (dict keys, attribute names, indices)."""
+    """'/'-joined string of a pytree key path (dict keys, attribute names, indices).
+
+    The trailing ``.value`` of an NNX ``Variable`` is dropped, so ``layers/0/kernel``
+    names the same kernel in NNX state as in linen params.
+    """
+    path = tuple(path)
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]
     return "/".join(_key_name(e) for e in path)
 
 
@@ -89,15 +96,15 @@ def _patterns(targets: str | Iterable[str] | None) -> list[str]:
 
 
 def _is_kernel(leaf) -> bool:
-    return hasattr(leaf, "shape") and len(leaf.shape) == 2
+    return hasattr(leaf, "shape") and len(leaf.shape) >= 2
 
 
 def match_targets(params: PyTree, targets: str | Iterable[str] | None = None) -> list[str]:
     """Paths of the leaves of ``params`` that fully match one of the ``targets`` regexes.
 
-    Raises ValueError for a pattern that matches nothing (listing the 2-D kernel paths
-    that exist) or an already adapted kernel (a node), and for a matched leaf that is not a
-    2-D floating-point array (naming its path, shape and dtype).
+    Raises ValueError for a pattern that matches nothing (listing the kernel paths that
+    exist) or an already adapted kernel (a node), and TypeError for a matched leaf that
+    is not a floating-point array (naming its path, shape and dtype).
     """
     leaves = leaves_with_paths(params)
     chosen: list[str] = []
@@ -124,23 +131,190 @@ def match_targets(params: PyTree, targets: str | Iterable[str] | None = None) ->
     by_path = dict(leaves)
     for p in chosen:
         leaf = by_path[p]
-        if not _is_kernel(leaf):
-            raise ValueError(f"target {p!r} has shape {tuple(getattr(leaf, 'shape', ()))}; only 2-D kernels can be adapted")
-        if not jnp.issubdtype(leaf.dtype, jnp.floating):
-            raise TypeError(f"target {p!r} has dtype {leaf.dtype}; only floating-point kernels can be adapted")
+        if not hasattr(leaf, "dtype") or not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise TypeError(
+                f"target {p!r} has dtype {getattr(leaf, 'dtype', type(leaf).__name__)} and shape "
+                f"{tuple(getattr(leaf, 'shape', ()))}; only floating-point arrays can be adapted"
+            )
     return chosen
 
 
-def apply(params: PyTree, method: str, *, key: Array, targets: str | Iterable[str] | None = None, **hparams) -> PyTree:
+# --- kernel layouts -------------------------------------------------------------------
+
+LAYOUT_HELP = (
+    "one letter per kernel axis: 'i' input, 'o' output, 's' a leading stacked axis; e.g. 'io' for "
+    "Dense (in, out), 'ioo' for DenseGeneral/attention q/k/v (in, heads, head_dim), 'iio' for the "
+    "attention output (heads, head_dim, out), 'sio' for Dense layers stacked by nn.scan (L, in, out)"
+)
+
+
+def check_layout(path: str, shape: tuple[int, ...], layout: str) -> None:
+    """Raise ValueError unless ``layout`` describes a kernel of ``shape``."""
+    stacked = len(layout) - len(layout.lstrip("s"))
+    problem = None
+    if not isinstance(layout, str) or set(layout) - set("ios"):
+        problem = "it may only use the letters i, o and s"
+    elif len(layout) != len(shape):
+        problem = f"it has {len(layout)} letters for {len(shape)} axes"
+    elif "s" in layout[stacked:]:
+        problem = "stacked axes 's' must come first"
+    elif "i" not in layout or "o" not in layout:
+        problem = "it needs at least one 'i' and one 'o' axis"
+    if problem:
+        raise ValueError(f"layout {layout!r} does not fit {path!r} of shape {tuple(shape)}: {problem}. Layout: {LAYOUT_HELP}")
+
+
+def resolve_layout(path: str, shape: tuple[int, ...], layout: str | dict[str, str] | None) -> str:
+    """The layout of target ``path``: ``layout`` itself, or the value of the first pattern of
+    a ``{regex: layout}`` dict that fully matches ``path``; 2-D kernels default to ``"io"``."""
+    chosen = layout
+    if isinstance(layout, dict):
+        chosen = next((v for pattern, v in layout.items() if re.fullmatch(pattern, path)), None)
+    elif layout is not None and not isinstance(layout, str):
+        raise TypeError(f"layout must be a string or a dict from target regex to string, got {layout!r}")
+    if chosen is None:
+        if len(shape) != 2:
+            raise ValueError(
+                f"target {path!r} has shape {tuple(shape)}: a kernel that is not 2-D needs a layout "
+                f"(apply(..., layout='ioo') or layout={{pattern: layout}}). Layout: {LAYOUT_HELP}"
+            )
+        chosen = "io"
+    check_layout(path, shape, chosen)
+    return chosen
+
+
+def matrix_shape(kernel_shape: tuple[int, ...], layout: str) -> tuple[int, int]:
+    """``(in, out)`` of one layer: the products of the ``i`` and the ``o`` axis sizes."""
+    n = math.prod(d for d, c in zip(kernel_shape, layout) if c == "i")
+    m = math.prod(d for d, c in zip(kernel_shape, layout) if c == "o")
+    return n, m
+
+
+def _io_order(layout: str) -> list[int]:
+    return [a for a, c in enumerate(layout) if c == "i"] + [a for a, c in enumerate(layout) if c == "o"]
+
+
+def to_matrix(kernel: Array, layout: str) -> Array:
+    """One layer's kernel (layout without ``s``) as its (in, out) matrix; free when the
+    ``i`` axes precede the ``o`` axes (a reshape), a transpose otherwise."""
+    if layout in ("io", ""):
+        return kernel
+    n, m = matrix_shape(kernel.shape, layout)
+    order = _io_order(layout)
+    if order != sorted(order):
+        kernel = jnp.transpose(kernel, order)
+    return kernel.reshape(n, m)
+
+
+def from_matrix(w: Array, layout: str, kernel_shape: tuple[int, ...]) -> Array:
+    """Inverse of :func:`to_matrix`: an (in, out) matrix in the kernel's own layout."""
+    if layout == "io" or not layout:
+        return w
+    order = _io_order(layout)
+    w = w.reshape([kernel_shape[a] for a in order])
+    return w if order == sorted(order) else jnp.transpose(w, np.argsort(order))
+
+
+def layer_meta(node: Node, depth: int = 1) -> Node:
+    """``node`` with its first ``depth`` stacked axes removed from its static description
+    (for the slices a scan or vmap over the stack sees)."""
+    return node.replace(layout=node.layout[depth:], kernel_shape=node.kernel_shape[depth:])
+
+
+def matrix_view(node: Node) -> Node:
+    """One layer's node as method code expects it: the base ``kernel`` as an (in, out) matrix."""
+    if node.stack_shape:
+        raise ValueError(
+            f"a stacked {node.method} node (kernel {node.kernel_shape}, layout {node.layout!r}) holds "
+            f"{math.prod(node.stack_shape)} layers; use one layer (scan over it, or jpeft.wrap) first"
+        )
+    if "kernel" not in node.frozen or node.layout in ("io", ""):
+        return node
+    return node.replace(frozen={**node.frozen, "kernel": to_matrix(node.frozen["kernel"], node.layout)})
+
+
+def map_layers(fn, node: Node, *args):
+    """``fn(layer_node, *layer_args)`` for every layer of a stacked node (``jax.vmap`` over
+    the stacked axes of the node's arrays and of ``args``); ``fn(node, *args)`` otherwise."""
+    depth = len(node.stack_shape)
+    if depth == 0:
+        return fn(node, *args)
+    leaves, _ = jax.tree_util.tree_flatten(node)
+    layer_def = jax.tree_util.tree_structure(layer_meta(node, depth))
+    f = lambda leaves, *a: fn(jax.tree_util.tree_unflatten(layer_def, leaves), *a)
+    for _ in range(depth):
+        f = jax.vmap(f)
+    return f(leaves, *args)
+
+
+def _also_train_paths(params: PyTree, also_train, taken: list[str]) -> list[str]:
+    if also_train is None:
+        return []
+    paths = match_targets(params, also_train)
+    clash = [p for p in paths if p in taken]
+    if clash:
+        raise ValueError(f"also_train matches leaves that are adaptation targets too: {clash[:10]}")
+    return paths
+
+
+def _sibling_biases(params: PyTree, kernels: list[str], method: str) -> list[str]:
+    """The ``bias`` next to each targeted ``kernel`` (BitFit), refusing layers without one."""
+    leaves = dict(leaves_with_paths(params))
+    biases = [p.rsplit("/", 1)[0] + "/bias" if "/" in p else "bias" for p in kernels]
+    missing = [k for k, b in zip(kernels, biases) if b not in leaves]
+    if missing:
+        raise ValueError(
+            f"{method} trains the biases of the targeted layers, but these targets have no sibling 'bias': "
+            f"{missing[:10]}; narrow the targets to layers with biases"
+        )
+    return biases
+
+
+def full_node(leaf: Array) -> Node:
+    """A leaf made fully trainable (``also_train``): a float32 copy to train, cast back on use."""
+    return Node("full", methods["full"].config(), tuple(leaf.shape), np.dtype(leaf.dtype),
+                {"weight": jnp.asarray(leaf, jnp.float32)}, {}, layout="", kernel_shape=tuple(leaf.shape))
+
+
+def _init_node(spec: Method, method: str, config, key: Array, kernel: Array, layout: str) -> Node:
+    """One node for ``kernel``: each layer of a stacked kernel gets its own init and key
+    (``fold_in(key, layer)``), initialized one by one (a ``vmap`` would batch the LAPACK
+    calls of SVD-based inits, which can deadlock on CPU); the base stays the model's array."""
+    depth = len(layout) - len(layout.lstrip("s"))
+    layer_layout, stack = layout[depth:], tuple(kernel.shape[:depth])
+    layers = []
+    for i, index in enumerate(np.ndindex(*stack)):
+        layer_key = jax.random.fold_in(key, i) if depth else key
+        layers.append(spec.init(layer_key, to_matrix(kernel[index], layer_layout), config))
+    stacked = lambda *xs: jnp.stack(xs).reshape(stack + xs[0].shape) if depth else xs[0]
+    trainable = jax.tree_util.tree_map(stacked, *[t for t, _ in layers])
+    frozen = {k: (kernel if k == "kernel" else stacked(*[f[k] for _, f in layers])) for k in layers[0][1]}
+    return Node(method, config, matrix_shape(kernel.shape[depth:], layer_layout), np.dtype(kernel.dtype),
+                trainable, frozen, layout=layout, kernel_shape=tuple(kernel.shape))
+
+
+def apply(params: PyTree, method: str, *, key: Array, targets: str | Iterable[str] | None = None,
+          layout: str | dict[str, str] | None = None, also_train: str | Iterable[str] | None = None,
+          **hparams) -> PyTree:
     """Replace every targeted kernel of ``params`` by a node of ``method``.
 
     Args:
-      params: a Flax parameter pytree (kernels are (in, out), ``y = x @ K``).
+      params: a Flax parameter pytree: linen ``params`` or NNX state from ``nnx.split``
+        (kernels compute ``y = x @ K``).
       method: a name in :data:`methods` (``lora``, ``dora``, ``lokr``, ``oft``, ``boft``,
-        ``shoft``, ``rhoft`` or a registered one).
-      key: a ``jax.random`` key; target ``i`` (in tree order) uses ``fold_in(key, i)``.
+        ``shoft``, ``rhoft``, ``hra``, ``bitfit``, ``full`` or a registered one).
+      key: a ``jax.random`` key; target ``i`` (in tree order) uses ``fold_in(key, i)``, and
+        layer ``l`` of a stacked target ``fold_in(fold_in(key, i), l)``.
       targets: a regex or a list of regexes matched against whole '/'-joined paths;
         ``None`` selects the Q/K/V projections (:data:`DEFAULT_TARGETS`).
+      layout: how a kernel's axes form the matrix its layer computes, one letter per axis
+        (``i`` input, ``o`` output, ``s`` leading stacked axis): a string for every
+        target or a dict from regex to string; 2-D kernels default to ``"io"``. Attention
+        q/k/v kernels (in, heads, head_dim) are ``"ioo"``, its output kernel ``"iio"``,
+        layers stacked by ``nn.scan`` ``"sio"``.
+      also_train: a regex or a list of regexes of further leaves (biases, a classifier
+        head, norms) to train fully (PEFT's ``modules_to_save``): each becomes a ``full``
+        node, so :func:`partition` puts it on the trainable side and adapters save it.
       **hparams: the method's hyper-parameters (see its config dataclass).
 
     Returns:
@@ -151,32 +325,42 @@ def apply(params: PyTree, method: str, *, key: Array, targets: str | Iterable[st
     config = make_config(method, **hparams)
     chosen = match_targets(params, targets)
     shapes = dict(leaves_with_paths(params))
-    for p in chosen:
-        try:
-            config.check(tuple(shapes[p].shape))
-        except ValueError as e:
-            raise ValueError(f"{method} cannot adapt {p!r}: {e}") from None
+    layouts = {p: resolve_layout(p, tuple(shapes[p].shape), layout) for p in chosen}
+    if spec.scope == "bias":  # BitFit: the targeted layers' biases train, their kernels stay as they are
+        full = _sibling_biases(params, chosen, method) + _also_train_paths(params, also_train, chosen)
+        chosen = []
+    else:
+        for p in chosen:
+            lay = layouts[p]
+            per_layer = matrix_shape(shapes[p].shape[len(lay) - len(lay.lstrip("s")):], lay.lstrip("s"))
+            try:
+                config.check(per_layer)
+            except ValueError as e:
+                seen_as = "" if lay == "io" else f" (layout {lay!r}, one layer as an {per_layer} matrix)"
+                raise ValueError(f"{method} cannot adapt {p!r}{seen_as}: {e}") from None
+        full = _also_train_paths(params, also_train, chosen)
     order = {p: i for i, p in enumerate(chosen)}
 
     def convert(path, leaf):
         p = path_str(path)
-        if p not in order:
-            return leaf
-        trainable, frozen = spec.init(jax.random.fold_in(key, order[p]), leaf, config)
-        return Node(method, config, tuple(leaf.shape), np.dtype(leaf.dtype), trainable, frozen)
+        if p in order:
+            return _init_node(spec, method, config, jax.random.fold_in(key, order[p]), leaf, layouts[p])
+        return full_node(leaf) if p in full else leaf
 
     return jax.tree_util.tree_map_with_path(convert, params, is_leaf=is_node)
 
 
+def materialize_node(node: Node) -> Array:
+    """``W'`` of one node in the kernel's own layout and dtype (every layer of a stack)."""
+    spec = get_method(node.method)
+    layer = lambda n: from_matrix(spec.materialize(matrix_view(n)).astype(n.dtype), n.layout, n.kernel_shape)
+    return map_layers(layer, node)
+
+
 def materialize(adapted: PyTree) -> PyTree:
-    """Plain kernels again: each node becomes ``W'`` in the dtype of the kernel it replaced."""
-
-    def merge(leaf):
-        if not is_node(leaf):
-            return leaf
-        return get_method(leaf.method).materialize(leaf).astype(leaf.dtype)
-
-    return jax.tree_util.tree_map(merge, adapted, is_leaf=is_node)
+    """Plain kernels again: each node becomes ``W'`` in the layout and dtype of the kernel
+    it replaced (``full`` nodes their trained array)."""
+    return jax.tree_util.tree_map(lambda x: materialize_node(x) if is_node(x) else x, adapted, is_leaf=is_node)
 
 
 def _none_like(tree: PyTree) -> PyTree:
@@ -268,7 +452,7 @@ def count_params(adapted: PyTree) -> dict:
         if is_node(leaf):
             t = sum(_size(x) for x in jax.tree_util.tree_leaves(leaf.trainable))
             f = sum(_size(x) for x in jax.tree_util.tree_leaves(leaf.frozen))
-            rows[p] = {"method": leaf.method, "shape": leaf.shape, "trainable": t, "frozen": f}
+            rows[p] = {"method": leaf.method, "shape": leaf.kernel_shape, "layout": leaf.layout, "trainable": t, "frozen": f}
             frozen_total += f
         else:
             frozen_total += _size(leaf)
@@ -298,6 +482,7 @@ def linear(x: Array, kernel: Array | Node, *, dropout_key: Array | None = None, 
         return x @ kernel.astype(x.dtype)
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    kernel = matrix_view(kernel)
     spec = get_method(kernel.method)
     if path == "auto":
         tokens = math.prod(x.shape[:-1])
@@ -307,3 +492,14 @@ def linear(x: Array, kernel: Array | Node, *, dropout_key: Array | None = None, 
     if path == "factored":
         return spec.factored(x, kernel, dropout_key)
     return x @ spec.materialize(kernel).astype(x.dtype)
+
+
+def linear_general(x: Array, kernel: Array | Node, *, dropout_key: Array | None = None, path: str = "auto") -> Array:
+    """:func:`linear` for a kernel of any layout: ``x`` ends with the ``i`` axes, the result
+    with the ``o`` axes (as ``DenseGeneral`` computes with an (i…, o…) kernel)."""
+    if not is_node(kernel) or kernel.layout in ("io", ""):
+        return linear(x, kernel, dropout_key=dropout_key, path=path)
+    n, m = kernel.shape
+    n_in = kernel.layout.count("i")
+    y = linear(x.reshape(x.shape[: x.ndim - n_in] + (n,)), kernel, dropout_key=dropout_key, path=path)
+    return y.reshape(y.shape[:-1] + tuple(d for d, c in zip(kernel.kernel_shape, kernel.layout) if c == "o"))

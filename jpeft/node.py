@@ -18,23 +18,45 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class Node:
-    """A reparametrized kernel of shape ``shape`` = (in, out), computing ``y = x @ W'``.
+    """A reparametrized kernel: the matrix ``W'`` of shape ``shape`` = (in, out), ``y = x @ W'``.
+
+    A kernel that is not 2-D is adapted as the matrix its layer computes: ``layout`` has
+    one letter per axis of ``kernel_shape``, ``i`` an input axis, ``o`` an output axis,
+    ``s`` a leading stacked axis (layers stacked by ``nn.scan``/``nnx.scan``/``vmap``);
+    ``in`` is the product of the ``i`` sizes and ``out`` that of the ``o`` sizes. A
+    stacked node holds one adapter per index: each of its arrays has the stacked axes in
+    front. A frozen entry named ``kernel`` is the base kernel exactly as the model stores
+    it (any layout, stacked or not, never copied); method code sees it as an (in, out)
+    matrix through :func:`jpeft.core.matrix_view`.
 
     Attributes:
       method: registry name of the method (``jpeft.methods[method]``).
       config: the method's frozen, hashable hyper-parameter dataclass.
-      shape: ``(in, out)`` of the kernel this node stands for.
+      shape: ``(in, out)`` of the matrix this node stands for (one layer of a stack).
       dtype: dtype of the kernel it replaced (what ``materialize`` returns).
       trainable: dict of arrays updated by the optimizer.
       frozen: dict of arrays kept fixed (e.g. the base kernel, singular vectors).
+      layout: one letter per kernel axis (``"io"`` for a plain 2-D kernel).
+      kernel_shape: shape of the kernel as the model stores it (``None``: ``shape``).
     """
 
     method: str
     config: Any
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
     dtype: Any
     trainable: dict[str, Array]
     frozen: dict[str, Array]
+    layout: str = "io"
+    kernel_shape: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.kernel_shape is None:
+            object.__setattr__(self, "kernel_shape", tuple(self.shape))
+
+    @property
+    def stack_shape(self) -> tuple[int, ...]:
+        """Sizes of the leading stacked axes (``()`` for a single layer)."""
+        return tuple(self.kernel_shape[: len(self.layout) - len(self.layout.lstrip("s"))])
 
     def replace(self, **changes: Any) -> "Node":
         return dataclasses.replace(self, **changes)
@@ -43,7 +65,7 @@ class Node:
 jax.tree_util.register_dataclass(
     Node,
     data_fields=["trainable", "frozen"],
-    meta_fields=["method", "config", "shape", "dtype"],
+    meta_fields=["method", "config", "shape", "dtype", "layout", "kernel_shape"],
 )
 
 

@@ -84,7 +84,7 @@ def test_count_params_rows_and_eval_shape(params):
     assert counts["frozen"] == total_params
     assert counts["total"] == counts["trainable"] + counts["frozen"]
     row = counts["targets"]["model/layers_0/self_attn/q_proj/kernel"]
-    assert row == {"method": "lora", "shape": (32, 32), "trainable": 256, "frozen": 1024}
+    assert row == {"method": "lora", "shape": (32, 32), "layout": "io", "trainable": 256, "frozen": 1024}
     shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     abstract = jax.eval_shape(lambda p: jpeft.apply(p, "lora", key=jax.random.key(5), r=4), shapes)
     assert jpeft.count_params(abstract) == counts
@@ -122,7 +122,7 @@ def test_register_user_method(params):
 
 
 def test_unknown_method_lists_known(params):
-    with pytest.raises(ValueError, match=r"unknown method 'lorax'.*boft, dora, hra, lokr, lora, oft, rhoft, shoft"):
+    with pytest.raises(ValueError, match=r"unknown method .lorax.*bitfit, boft, dora, full, hra, lokr, lora, oft, rhoft, shoft"):
         jpeft.apply(params, "lorax", key=jax.random.key(0))
 
 

@@ -1,6 +1,6 @@
 """One module per method; each exposes ``METHOD``, a :class:`jpeft.methods.base.Method`."""
 
-from jpeft.methods import boft, dora, hra, lokr, lora, oft, rhoft, shoft
+from jpeft.methods import bitfit, boft, dora, full, hra, lokr, lora, oft, rhoft, shoft
 from jpeft.methods.base import Method
 
 BUILTIN = {
@@ -12,6 +12,8 @@ BUILTIN = {
     "shoft": shoft.METHOD,
     "rhoft": rhoft.METHOD,
     "hra": hra.METHOD,
+    "bitfit": bitfit.METHOD,
+    "full": full.METHOD,
 }
 
 __all__ = ["BUILTIN", "Method"]

@@ -33,6 +33,11 @@ class Method(NamedTuple):
       factored: ``(x, node, dropout_key | None) -> x @ W'`` without forming ``W'``.
       flops: ``(node, tokens) -> (factored, materialized)`` estimated FLOP of one
         training step (forward + backward) of the layer on ``tokens`` rows.
+      scope: ``"kernel"`` (the targeted kernels become nodes) or ``"bias"`` (the
+        targeted layers' biases become fully trainable and their kernels stay plain: BitFit).
+
+    A frozen entry named ``kernel`` must be the base kernel itself: ``jpeft.apply``
+    stores the model's own array there (any layout, a whole stack, never a copy).
     """
 
     config: type
@@ -40,6 +45,7 @@ class Method(NamedTuple):
     materialize: Callable[[Node], Array]
     factored: Callable[[Array, Node, Array | None], Array]
     flops: Callable[[Node, int], tuple[float, float]]
+    scope: str = "kernel"
 
 
 def require(condition: bool, message: str) -> None:
