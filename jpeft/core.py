@@ -363,6 +363,14 @@ def materialize(adapted: PyTree) -> PyTree:
     return jax.tree_util.tree_map(lambda x: materialize_node(x) if is_node(x) else x, adapted, is_leaf=is_node)
 
 
+def resolve_full(tree: PyTree) -> PyTree:
+    """``tree`` with its ``full`` nodes (``also_train`` leaves, BitFit's biases) replaced by
+    their arrays in the leaf's dtype, gradients flowing to them; other nodes stay. What a
+    model that consumes kernel nodes itself (:mod:`jpeft.models.phi`) runs on."""
+    full = lambda x: is_node(x) and x.method == "full"
+    return jax.tree_util.tree_map(lambda x: materialize_node(x) if full(x) else x, tree, is_leaf=is_node)
+
+
 def _none_like(tree: PyTree) -> PyTree:
     return jax.tree_util.tree_map(lambda _: None, tree)
 

@@ -242,3 +242,14 @@ def test_phi_qkv_parameter_counts_without_allocation():
     for (method, hp), count in expected.items():
         abstract = jax.eval_shape(lambda s: jpeft.apply(s, method, key=jax.random.key(0), **dict(hp)), shapes)
         assert jpeft.count_params(abstract)["trainable"] == count, method
+
+
+def test_bitfit_phi_count_without_allocation():
+    """BitFit on Phi-1.5's Q/K/V: the 72 biases of 2048, nothing else (from shapes only)."""
+    from jpeft.models import phi
+
+    shapes = phi.param_shapes(phi.make_model(phi.config("phi-1.5")))
+    abstract = jax.eval_shape(lambda s: jpeft.apply(s, "bitfit", key=jax.random.key(0)), shapes)
+    counts = jpeft.count_params(abstract)
+    assert counts["trainable"] == 24 * 3 * 2048 == 147_456
+    assert counts["total"] == 1_418_270_720

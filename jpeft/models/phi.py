@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 from transformers import PhiConfig
 
-from jpeft.core import linear, uses_dropout
+from jpeft.core import linear, resolve_full, uses_dropout
 from jpeft.node import is_node
 
 Array = jax.Array
@@ -325,6 +325,12 @@ class PhiForCausalLM(nn.Module):
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
     remat: str = "none"
+
+    def apply(self, variables, *args, **kwargs):
+        """linen's ``apply``; kernel nodes reach the layers as they are (each ``Linear`` runs
+        its node's factored path), fully trained leaves (``also_train``, BitFit's biases)
+        as their arrays."""
+        return super().apply(resolve_full(variables), *args, **kwargs)
 
     @nn.compact
     def __call__(self, input_ids: Array | None = None, attention_mask: Array | None = None,
