@@ -299,3 +299,15 @@ def test_also_train_and_bitfit(params):
     no_bias = {"dense": {"kernel": jnp.ones((4, 4))}}
     with pytest.raises(ValueError, match=r"no sibling 'bias': \['dense/kernel'\]"):
         jpeft.apply(no_bias, "bitfit", key=jax.random.key(0), targets=r".*kernel")
+
+
+def test_phi_port_gives_the_same_numbers_under_wrap():
+    """The Phi port consumes nodes itself (jpeft.linear); wrapped, the same product goes
+    through the same jpeft.linear: one code path, equal logits."""
+    from jpeft.models import phi
+
+    model, params = phi.init(phi.config("tiny"), jax.random.key(0))
+    adapted = perturb(jpeft.apply(params, "dora", key=jax.random.key(1), r=4), jax.random.key(2))
+    ids = jax.random.randint(jax.random.key(3), (2, 8), 0, model.spec.vocab_size)
+    direct = model.apply({"params": adapted}, ids)
+    np.testing.assert_allclose(jpeft.wrap(model.apply)({"params": adapted}, ids), direct, rtol=1e-5, atol=1e-5)
