@@ -150,6 +150,7 @@ def _run_config(args):
     hparams = parse_hparams(args.set, [args.method]).get(args.method, {})
     return pipeline.RunConfig(
         model=args.model, method=args.method, hparams=hparams, targets=tuple(args.targets) if args.targets else None,
+        also_train=tuple(args.also_train) if args.also_train else None,
         tasks=pipeline.parse_tasks(args.tasks), data_dir=args.data_dir, instructions=getattr(args, "instructions", None),
         tokenizer=args.tokenizer, eval_split=args.split, limit=args.limit, seed=args.seed, train=tcfg,
     )
@@ -182,6 +183,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="lora", help=METHODS_HELP)
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help=SET_HELP)
     p.add_argument("--targets", nargs="+", default=None, help="target regexes (default: Q/K/V)")
+    p.add_argument("--also-train", nargs="+", default=None, metavar="REGEX",
+                   help="further leaves to train fully, e.g. '.*final_layernorm/.*' (PEFT's modules_to_save)")
     p.add_argument("--tasks", nargs="+", default=["piqa"], help="task names or 'all'")
     p.add_argument("--data-dir", default=None, help="{task}/{split}.jsonl|json|parquet in HF schemas (default: bundled samples)")
     p.add_argument("--tokenizer", default=None)

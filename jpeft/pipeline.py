@@ -31,6 +31,7 @@ class RunConfig:
     method: str = "lora"
     hparams: dict = dataclasses.field(default_factory=dict)
     targets: tuple[str, ...] | None = None
+    also_train: tuple[str, ...] | None = None  # regexes of further leaves to train fully (biases, norms, a head)
     tasks: tuple[str, ...] = ("piqa",)
     data_dir: str | None = None  # {task}/{split}.jsonl|json|parquet; None: bundled samples (or the hub)
     instructions: str | None = None  # an LLM-Adapters json file to train on instead of the tasks' train splits
@@ -121,7 +122,7 @@ def finetune(cfg: RunConfig, run_dir: str, *, max_steps=None, stop_at=None, chec
     model = model.clone(remat=cfg.train.remat)
     tokenizer = load_tokenizer(cfg)
     adapted = core.apply(params, cfg.method, key=jax.random.key(cfg.seed), targets=list(cfg.targets) if cfg.targets else None,
-                         **cfg.hparams)
+                         also_train=list(cfg.also_train) if cfg.also_train else None, **cfg.hparams)
     encoded = data.encode_pairs(training_pairs(cfg), tokenizer, cfg.train.max_length)
     # only now, with the model, the method and the data validated: a bad run leaves no directory
     os.makedirs(run_dir, exist_ok=True)

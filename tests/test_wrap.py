@@ -311,3 +311,33 @@ def test_phi_port_gives_the_same_numbers_under_wrap():
     ids = jax.random.randint(jax.random.key(3), (2, 8), 0, model.spec.vocab_size)
     direct = model.apply({"params": adapted}, ids)
     np.testing.assert_allclose(jpeft.wrap(model.apply)({"params": adapted}, ids), direct, rtol=1e-5, atol=1e-5)
+
+
+def test_nnx_scan_over_a_vmapped_stack():
+    """NNX's idiom for stacked layers (nnx.vmap to create, nnx.scan to run): each step
+    receives one layer's node; the stacked base goes into the scan as it is."""
+
+    class Stack(nnx.Module):
+        def __init__(self, rngs):
+            @nnx.split_rngs(splits=3)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def create(rngs):
+                return nnx.Linear(8, 8, rngs=rngs)
+
+            self.layers = create(rngs)
+
+        def __call__(self, x):
+            @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+            def step(layer, h):
+                return jnp.tanh(layer(h))
+
+            return step(self.layers, x)
+
+    graphdef, state = nnx.split(Stack(nnx.Rngs(0)))
+    adapted = perturb(jpeft.apply(state, "lora", key=jax.random.key(1), targets=r".*/kernel", layout="sio", r=2), jax.random.key(2))
+    fn = lambda s, x: nnx.merge(graphdef, s)(x)
+    x = jax.random.normal(jax.random.key(3), (2, 8))
+    np.testing.assert_allclose(jpeft.wrap(fn)(adapted, x), fn(jpeft.materialize(adapted), x), rtol=1e-5, atol=1e-6)
+    jaxpr = jax.make_jaxpr(lambda a: jpeft.wrap(fn)(a, x))(adapted).jaxpr
+    (scan,) = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+    assert any(v is jaxpr.invars[-1] for v in scan.invars)  # the (3, 8, 8) base, uncopied
