@@ -9,6 +9,7 @@ leaf is untouched. All functions here are pure and compose with ``jit``, ``grad`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Any, Iterable
@@ -221,8 +222,36 @@ def layer_meta(node: Node, depth: int = 1) -> Node:
     return node.replace(layout=node.layout[depth:], kernel_shape=node.kernel_shape[depth:])
 
 
+@functools.lru_cache(maxsize=None)
+def _layer_leaf_ndims(method: str, config, shape: tuple[int, int], dtype) -> tuple[int, ...]:
+    """The ranks of one layer's arrays, in tree order (from shapes only)."""
+    init = lambda: get_method(method).init(jax.random.key(0), jnp.zeros(shape, dtype), config)
+    return tuple(x.ndim for x in jax.tree_util.tree_leaves(jax.eval_shape(init)))
+
+
+def fit_meta(node: Node) -> Node:
+    """``node`` with its static description made to fit its arrays.
+
+    A ``lax.scan``, ``vmap`` or ``tree_map`` outside jpeft slices a stacked node's
+    arrays (one layer per step) but keeps its static ``layout`` and ``kernel_shape``;
+    this drops the stacked axes the arrays no longer have.
+    """
+    depth = len(node.stack_shape)
+    if depth == 0:
+        return node
+    if "kernel" in node.frozen:
+        missing = len(node.layout) - node.frozen["kernel"].ndim
+    else:
+        first = jax.tree_util.tree_leaves(node)[0]
+        missing = depth - (first.ndim - _layer_leaf_ndims(node.method, node.config, node.shape, node.dtype)[0])
+    if not 0 <= missing <= depth:
+        raise ValueError(f"a {node.method} node of kernel shape {node.kernel_shape} holds arrays that do not fit it")
+    return layer_meta(node, missing) if missing else node
+
+
 def matrix_view(node: Node) -> Node:
     """One layer's node as method code expects it: the base ``kernel`` as an (in, out) matrix."""
+    node = fit_meta(node)
     if node.stack_shape:
         raise ValueError(
             f"a stacked {node.method} node (kernel {node.kernel_shape}, layout {node.layout!r}) holds "
@@ -236,6 +265,7 @@ def matrix_view(node: Node) -> Node:
 def map_layers(fn, node: Node, *args):
     """``fn(layer_node, *layer_args)`` for every layer of a stacked node (``jax.vmap`` over
     the stacked axes of the node's arrays and of ``args``); ``fn(node, *args)`` otherwise."""
+    node = fit_meta(node)
     depth = len(node.stack_shape)
     if depth == 0:
         return fn(node, *args)

@@ -91,6 +91,7 @@ def wrap(fn: Callable, *, dropout_key: Array | None = None) -> Callable:
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_node)
+        leaves = [core.fit_meta(x) if is_node(x) else x for x in leaves]
         dynamic = [i for i, x in enumerate(leaves) if is_node(x) or _is_array(x)]
         if not any(is_node(leaves[i]) for i in dynamic):
             return fn(*args, **kwargs)
@@ -274,28 +275,33 @@ def _squeeze_rule(eqn, invals):
 # --- control flow: evaluate the bodies with the same rules ---------------------------
 
 
-def _flatten_values(values):
-    """Arrays for a list that may hold nodes in flight, and the function that rebuilds it."""
-    flat, rebuilds = [], []
+def _flatten_values(values, scan_length: int | None = None):
+    """Arrays for a list that may hold nodes in flight, and the function that rebuilds the
+    list from those arrays. With ``scan_length``, the arrays are a scan's ``xs`` and the
+    rebuilt nodes are one layer of each stack (with one dropout key per layer)."""
+    flat, plan = [], []
     for v in values:
-        if isinstance(v, _Adapted):
-            leaves, tdef = jax.tree_util.tree_flatten(v.node)
-            has_key = v.key is not None
-            start = len(flat)
-            flat += leaves + ([v.key] if has_key else [])
-            rebuilds.append((start, len(leaves), tdef, v.dtype, has_key))
-        else:
-            rebuilds.append((len(flat), None, None, None, None))
+        if not isinstance(v, _Adapted):
+            plan.append(None)
             flat.append(v)
+            continue
+        leaves = jax.tree_util.tree_leaves(v.node)
+        meta = v.node if scan_length is None else core.layer_meta(v.node)
+        key = v.key if v.key is None or scan_length is None else jax.random.split(v.key, scan_length)
+        plan.append((len(leaves), jax.tree_util.tree_structure(meta), v.dtype, key is not None))
+        flat += leaves + ([key] if key is not None else [])
 
     def rebuild(arrays):
-        out = []
-        for start, count, tdef, dtype, has_key in rebuilds:
-            if count is None:
-                out.append(arrays[start])
-            else:
-                node = jax.tree_util.tree_unflatten(tdef, arrays[start : start + count])
-                out.append(_Adapted(node, dtype, arrays[start + count] if has_key else None))
+        out, at = [], 0
+        for step in plan:
+            if step is None:
+                out.append(arrays[at])
+                at += 1
+                continue
+            count, treedef, dtype, has_key = step
+            node = jax.tree_util.tree_unflatten(treedef, list(arrays[at : at + count]))
+            out.append(_Adapted(node, dtype, arrays[at + count] if has_key else None))
+            at += count + has_key
         return out
 
     return flat, rebuild
@@ -317,36 +323,14 @@ def _scan_rule(eqn, invals):
     n_consts, n_carry, length = p["num_consts"], p["num_carry"], p["length"]
     consts = invals[:n_consts]
     carry = [_concrete(v) for v in invals[n_consts : n_consts + n_carry]]
-    xs = list(invals[n_consts + n_carry :])
-    for i, v in enumerate(xs):  # a node scanned over its leading stacked axis: one layer per step
-        if isinstance(v, _Adapted) and not (v.node.stack_shape and v.node.stack_shape[0] == length):
-            xs[i] = _concrete(v)
-    xs_meta = []
-    flat_xs = []
-    for v in xs:
-        if isinstance(v, _Adapted):
-            leaves, _ = jax.tree_util.tree_flatten(v.node)
-            layer_def = jax.tree_util.tree_structure(core.layer_meta(v.node))
-            keys = None if v.key is None else jax.random.split(v.key, length)
-            xs_meta.append((len(leaves), layer_def, v.dtype, keys is not None))
-            flat_xs += leaves + ([keys] if keys is not None else [])
-        else:
-            xs_meta.append(None)
-            flat_xs.append(v)
-    body_jaxpr = p["jaxpr"]
+    # a node scanned over its leading stacked axis gives one layer per step; otherwise it is materialized
+    stacked = lambda v: isinstance(v, _Adapted) and v.node.stack_shape[:1] == (length,)
+    xs = [v if stacked(v) else _concrete(v) for v in invals[n_consts + n_carry :]]
+    flat_xs, rebuild_xs = _flatten_values(xs, scan_length=length)
+    inner = p["jaxpr"]
 
     def body(carry, sliced):
-        layer_values, at = [], 0
-        for meta in xs_meta:
-            if meta is None:
-                layer_values.append(sliced[at])
-                at += 1
-            else:
-                count, layer_def, dtype, has_key = meta
-                node = jax.tree_util.tree_unflatten(layer_def, sliced[at : at + count])
-                layer_values.append(_Adapted(node, dtype, sliced[at + count] if has_key else None))
-                at += count + has_key
-        outs = evaluate(body_jaxpr.jaxpr, body_jaxpr.consts, list(consts) + list(carry) + layer_values)
+        outs = evaluate(inner.jaxpr, inner.consts, list(consts) + list(carry) + rebuild_xs(sliced))
         outs = [_concrete(o) for o in outs]
         return outs[:n_carry], outs[n_carry:]
 

@@ -341,3 +341,20 @@ def test_nnx_scan_over_a_vmapped_stack():
     jaxpr = jax.make_jaxpr(lambda a: jpeft.wrap(fn)(a, x))(adapted).jaxpr
     (scan,) = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
     assert any(v is jaxpr.invars[-1] for v in scan.invars)  # the (3, 8, 8) base, uncopied
+
+
+@pytest.mark.parametrize("method", ["lora", "shoft"])  # with and without the base kernel among its arrays
+def test_user_scan_and_vmap_over_an_adapted_stack(method):
+    """A scan or vmap written by the user (outside wrap) slices a stacked node's arrays;
+    the node's static description follows them."""
+    stack = jax.random.normal(jax.random.key(0), (3, 8, 8)) / 3
+    adapted = perturb(jpeft.apply({"w": stack}, method, key=jax.random.key(1), targets="w", layout="sio",
+                                  **WRAP_HPARAMS[method]), jax.random.key(2))
+    merged = jpeft.materialize(adapted)["w"]
+    x = jax.random.normal(jax.random.key(3), (5, 8))
+    layer = jpeft.wrap(lambda w, h: jnp.tanh(h @ w))
+    y, _ = jax.lax.scan(lambda h, w: (layer(w, h), None), x, adapted["w"])
+    y_ref, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, merged)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+    per_layer = jax.vmap(jpeft.materialize)(adapted)["w"]
+    np.testing.assert_allclose(per_layer, merged, rtol=1e-5, atol=1e-6)
