@@ -120,13 +120,13 @@ def _step_flops(loss, *args) -> float:
     return float(cost["flops"])
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "oft", "hra", "lokr", "boft"])
+@pytest.mark.parametrize("method", ["lora", "dora", "oft", "hra", "lokr", "boft", "rhoft"])
 def test_wrapped_step_flops_follow_the_cost_model(method):
     """One 256 x 256 Dense layer on 2048 rows, gradients for the trainables and the input:
     XLA's FLOP count of the wrapped step is within the cost model's factored figure +5 %,
     and below the materialize-in-the-loss route, which pays the dense weight gradient."""
     hp = {"lora": dict(r=8), "dora": dict(r=8), "oft": dict(block_size=16), "hra": dict(r=8), "lokr": dict(r=4),
-          "boft": dict(block_size=8, n_butterfly=2)}[method]
+          "boft": dict(block_size=8, n_butterfly=2), "rhoft": dict(r_u=8, r_v=8, k=64)}[method]
     dense = nn.Dense(WIDTH, use_bias=False)
     x = jax.random.normal(jax.random.key(0), (ROWS, WIDTH))
     params = dense.init(jax.random.key(1), x)["params"]
