@@ -4,9 +4,14 @@
   RNG and the data position with ``orbax.checkpoint.CheckpointManager`` (atomic
   directories, the last ``keep`` kept), so a run stopped at any point resumes from its
   last checkpoint and continues the same loss trajectory.
-* :func:`save_adapter` / :func:`load_adapter` write and read an adapter alone: every
-  array of every node except the base kernel it was built from (safetensors) plus a JSON
-  description (method, hyper-parameters, shape, dtype per target). The merged model for
+* :func:`save_adapter` / :func:`load_adapter` write and read an adapter alone
+  (safetensors, float32) plus a JSON description per target (method, hyper-parameters,
+  matrix shape, kernel shape and layout, dtype). An adapter holds the trainable arrays
+  and only the frozen arrays the base cannot rebuild: never the base kernel, and for a
+  method whose frozen arrays are a function of the base (SHOFT's SVD) only their vectors,
+  which loading compares with the rebuilt ones to refuse a different base. Loaded onto a
+  base in another dtype (bf16), the nodes take the base's dtype, so ``materialize`` gives
+  kernels in the dtype of the model they are loaded onto. The merged model for
   deployment is written by the model's own ``save_pretrained`` after ``jpeft.materialize``.
 """
 
@@ -86,19 +91,41 @@ class Checkpointer:
         self.manager.close()
 
 
+#: Relative tolerance of the check that a rebuilt frozen vector (SHOFT's singular values)
+#: equals the saved one: float32 rounding of a float64 SVD stays far below it. A base in a
+#: coarser dtype than the one trained on (bf16) is allowed 4 of its epsilons.
+BASE_CHECK_RTOL = 1e-4
+
+
+def _base_check_rtol(dtype) -> float:
+    return max(BASE_CHECK_RTOL, 4 * float(jnp.finfo(dtype).eps))
+
+
+def _stored_frozen(node: Node) -> dict[str, Any]:
+    """The frozen arrays an adapter must hold: not the base kernel, and, where the method
+    rebuilds its frozen arrays from the base, only their vectors (the base check)."""
+    depth = len(node.stack_shape)
+    rebuildable = core.get_method(node.method).frozen_from_base is not None
+    return {k: v for k, v in node.frozen.items() if k != "kernel" and (not rebuildable or v.ndim - depth <= 1)}
+
+
 def _describe(node: Node) -> dict:
     return {
         "method": node.method,
         "hparams": dataclasses.asdict(node.config),
         "shape": list(node.shape),
+        "kernel_shape": list(node.kernel_shape),
+        "layout": node.layout,
         "dtype": np.dtype(node.dtype).name,
         "uses_base_kernel": "kernel" in node.frozen,
-        "frozen": {k: np.dtype(v.dtype).name for k, v in node.frozen.items() if k != "kernel"},
+        # frozen arrays in the kernel's dtype follow the base's dtype on loading
+        "frozen": {k: np.dtype(v.dtype).name for k, v in _stored_frozen(node).items()},
+        "frozen_in_kernel_dtype": sorted(k for k, v in node.frozen.items() if k != "kernel" and v.dtype == node.dtype),
     }
 
 
 def save_adapter(directory: str | os.PathLike, adapted: PyTree) -> None:
-    """Write the nodes of ``adapted`` without their base kernels (see module docstring)."""
+    """Write the nodes of ``adapted`` without what the base rebuilds (see module docstring)."""
     os.makedirs(directory, exist_ok=True)
     nodes = {p: leaf for p, leaf in core.leaves_with_paths(adapted) if is_node(leaf)}
     if not nodes:
@@ -107,32 +134,50 @@ def save_adapter(directory: str | os.PathLike, adapted: PyTree) -> None:
     for path, node in nodes.items():
         for name, x in node.trainable.items():
             tensors[f"{path}::trainable::{name}"] = np.asarray(x, np.float32)
-        for name, x in node.frozen.items():
-            if name != "kernel":
-                tensors[f"{path}::frozen::{name}"] = np.asarray(jnp.asarray(x, jnp.float32))
+        for name, x in _stored_frozen(node).items():
+            tensors[f"{path}::frozen::{name}"] = np.asarray(jnp.asarray(x, jnp.float32))
     save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS))
     with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
         json.dump({p: _describe(n) for p, n in nodes.items()}, f, indent=2)
 
 
 def load_adapter(directory: str | os.PathLike, params: PyTree) -> PyTree:
-    """Rebuild the adapted tree from ``params`` (the base model) and a saved adapter."""
+    """Rebuild the adapted tree from ``params`` (the base model) and a saved adapter.
+
+    Nodes take the dtype of the base leaves they are loaded onto; frozen arrays the base
+    rebuilds are recomputed from it and checked against the saved vectors.
+    """
     with open(os.path.join(directory, ADAPTER_CONFIG)) as f:
         described = json.load(f)
     tensors = load_file(os.path.join(directory, ADAPTER_WEIGHTS))
     leaves = dict(core.leaves_with_paths(params))
 
-    def node_for(path: str, kernel) -> Node:
+    def node_for(path: str, base) -> Node:
         d = described[path]
-        if list(kernel.shape) != d["shape"]:
-            raise ValueError(f"adapter target {path!r} has shape {d['shape']} but the model's kernel is {list(kernel.shape)}")
+        kernel_shape = d.get("kernel_shape", d["shape"])
+        if list(base.shape) != kernel_shape:
+            raise ValueError(f"adapter target {path!r} has shape {kernel_shape} but the model's leaf is {list(base.shape)}")
+        spec = core.get_method(d["method"])
         config = core.make_config(d["method"], **d["hparams"])
-        trainable = {
-            k.rsplit("::", 1)[1]: jnp.asarray(v) for k, v in tensors.items() if k.startswith(f"{path}::trainable::")
-        }
-        frozen = {"kernel": kernel} if d["uses_base_kernel"] else {}
-        frozen |= {name: jnp.asarray(tensors[f"{path}::frozen::{name}"], dtype) for name, dtype in d["frozen"].items()}
-        return Node(d["method"], config, tuple(d["shape"]), np.dtype(d["dtype"]), trainable, frozen)
+        layout, dtype = d.get("layout", "io"), np.dtype(base.dtype)
+        saved = lambda kind: {k.rsplit("::", 1)[1]: jnp.asarray(v) for k, v in tensors.items() if k.startswith(f"{path}::{kind}::")}
+        trainable, frozen = saved("trainable"), {}
+        in_kernel_dtype = set(d.get("frozen_in_kernel_dtype", ()))
+        if spec.frozen_from_base is not None:
+            frozen = core.per_layer(lambda i, matrix: spec.frozen_from_base(matrix, config), base, layout)
+            for name, x in saved("frozen").items():
+                rtol = _base_check_rtol(dtype)
+                if not np.allclose(np.asarray(frozen[name], np.float32), x, rtol=rtol, atol=0):
+                    raise ValueError(
+                        f"adapter target {path!r} was trained on another base: its {name} rebuilt from this model's "
+                        f"kernel differs from the saved one by more than rtol={rtol:g}"
+                    )
+        else:
+            frozen = {k: v.astype(dtype if k in in_kernel_dtype else d["frozen"][k]) for k, v in saved("frozen").items()}
+        if d["uses_base_kernel"]:
+            frozen = {"kernel": base, **frozen}
+        return Node(d["method"], config, tuple(d["shape"]), dtype, trainable, frozen,
+                    layout=layout, kernel_shape=tuple(kernel_shape))
 
     missing = sorted(set(described) - set(leaves))
     if missing:

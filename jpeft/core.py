@@ -306,20 +306,34 @@ def full_node(leaf: Array) -> Node:
                 {"weight": jnp.asarray(leaf, jnp.float32)}, {}, layout="", kernel_shape=tuple(leaf.shape))
 
 
-def _init_node(spec: Method, method: str, config, key: Array, kernel: Array, layout: str) -> Node:
-    """One node for ``kernel``: each layer of a stacked kernel gets its own init and key
-    (``fold_in(key, layer)``), initialized one by one (a ``vmap`` would batch the LAPACK
-    calls of SVD-based inits, which can deadlock on CPU); the base stays the model's array."""
+def per_layer(fn, kernel: Array, layout: str):
+    """``fn(index, matrix)`` for every layer of ``kernel`` (one call if it is not stacked),
+    its results (pytrees of arrays) stacked back along the leading stacked axes. Layers
+    run one by one: a ``vmap`` would batch the LAPACK calls of SVD-based inits, which can
+    deadlock on CPU."""
     depth = len(layout) - len(layout.lstrip("s"))
-    layer_layout, stack = layout[depth:], tuple(kernel.shape[:depth])
-    layers = []
-    for i, index in enumerate(np.ndindex(*stack)):
-        layer_key = jax.random.fold_in(key, i) if depth else key
-        layers.append(spec.init(layer_key, to_matrix(kernel[index], layer_layout), config))
-    stacked = lambda *xs: jnp.stack(xs).reshape(stack + xs[0].shape) if depth else xs[0]
-    trainable = jax.tree_util.tree_map(stacked, *[t for t, _ in layers])
-    frozen = {k: (kernel if k == "kernel" else stacked(*[f[k] for _, f in layers])) for k in layers[0][1]}
-    return Node(method, config, matrix_shape(kernel.shape[depth:], layer_layout), np.dtype(kernel.dtype),
+    stack = tuple(kernel.shape[:depth])
+    results = [fn(i, to_matrix(kernel[index], layout[depth:])) for i, index in enumerate(np.ndindex(*stack))]
+    if not depth:
+        return results[0]
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs).reshape(stack + xs[0].shape), *results)
+
+
+def _init_node(spec: Method, method: str, config, key: Array, kernel: Array, layout: str) -> Node:
+    """One node for ``kernel``; layer ``l`` of a stacked kernel gets its own init with
+    ``fold_in(key, l)``. A frozen ``kernel`` entry is the model's array itself, uncopied."""
+    depth = len(layout) - len(layout.lstrip("s"))
+    keeps_base = []
+
+    def layer_init(i, matrix):
+        trainable, frozen = spec.init(jax.random.fold_in(key, i) if depth else key, matrix, config)
+        keeps_base.append("kernel" in frozen)
+        return trainable, {k: v for k, v in frozen.items() if k != "kernel"}
+
+    trainable, frozen = per_layer(layer_init, kernel, layout)
+    if keeps_base[0]:
+        frozen = {"kernel": kernel, **frozen}
+    return Node(method, config, matrix_shape(kernel.shape[depth:], layout[depth:]), np.dtype(kernel.dtype),
                 trainable, frozen, layout=layout, kernel_shape=tuple(kernel.shape))
 
 

@@ -35,6 +35,10 @@ class Method(NamedTuple):
         training step (forward + backward) of the layer on ``tokens`` rows.
       scope: ``"kernel"`` (the targeted kernels become nodes) or ``"bias"`` (the
         targeted layers' biases become fully trainable and their kernels stay plain: BitFit).
+      frozen_from_base: ``(kernel, config) -> frozen`` when every frozen array can be
+        recomputed from the base kernel (SHOFT's SVD); adapters then store none of them,
+        only their vectors, as a check of the base they are loaded onto. ``None``: frozen
+        arrays other than ``kernel`` are stored.
 
     A frozen entry named ``kernel`` must be the base kernel itself: ``jpeft.apply``
     stores the model's own array there (any layout, a whole stack, never a copy).
@@ -46,6 +50,7 @@ class Method(NamedTuple):
     factored: Callable[[Array, Node, Array | None], Array]
     flops: Callable[[Node, int], tuple[float, float]]
     scope: str = "kernel"
+    frozen_from_base: Callable[[Array, Any], dict] | None = None
 
 
 def require(condition: bool, message: str) -> None:

@@ -16,8 +16,9 @@ On the Flax kernel ``K = Mᵀ = V Σ Uᵀ``: ``K' = H_Vᵀ V Σ' Uᵀ H_Uᵀ`` a
 
 The SVD is computed once, at ``apply``, in float64 on the host
 (:func:`jpeft.linalg.svd_float64`). Frozen arrays: ``u`` (out × p), ``v`` (in × p), ``p = min(in, out)``, in the kernel's
-dtype; the original kernel is not kept. Trainable: ``w_u`` (out × r_U), ``w_v``
-(in × r_V), ``sigma`` (p).
+dtype, and ``sigma0`` (p), the base's singular values; the original kernel is not kept.
+Trainable: ``w_u`` (out × r_U), ``w_v`` (in × r_V), ``sigma`` (p). Adapters store none
+of the frozen arrays but ``sigma0``: they are recomputed from the base on loading.
 
 Paths: factored costs ``4·T·p·(in+out)`` plus ``O(T·(in·r_V + out·r_U))`` per training
 step and no weight gradient; materializing costs ``6·T·in·out`` plus ``6·in·p·out`` to
@@ -65,11 +66,23 @@ def householder_init(key, shape, config) -> dict:
     }
 
 
+def frozen_from_base(kernel, config: ShoftConfig) -> dict:
+    """``u``, ``v`` of the float64 SVD ``K = V Σ Uᵀ`` (the left singular vectors of ``K`` are
+    the thesis' ``V``) and ``sigma0 = Σ``, the base's singular values, in the kernel's dtype.
+
+    Recomputing them from the same base gives the same arrays, up to the sign of a column
+    of both ``u`` and ``v``, which leaves ``K'`` unchanged (``Σ'`` is diagonal); ``sigma0``
+    identifies the base (an adapter loaded onto another base is refused)."""
+    return _frozen(*linalg.svd_float64(kernel), kernel.dtype)
+
+
+def _frozen(v, s, u, dtype) -> dict:
+    return {"u": u.astype(dtype), "v": v.astype(dtype), "sigma0": s.astype(dtype)}
+
+
 def init(key, kernel, config: ShoftConfig):
-    # K = V Σ Uᵀ: the left singular vectors of K are the thesis' V.
     v, s, u = linalg.svd_float64(kernel)
-    trainable = householder_init(key, kernel.shape, config) | {"sigma": s}
-    return trainable, {"u": u.astype(kernel.dtype), "v": v.astype(kernel.dtype)}
+    return householder_init(key, kernel.shape, config) | {"sigma": s}, _frozen(v, s, u, kernel.dtype)
 
 
 def materialize(node: Node) -> jax.Array:
@@ -97,4 +110,4 @@ def flops(node: Node, tokens: int):
     return factored_cost, base.dense_step_flops(node, tokens) + rebuild
 
 
-METHOD = base.Method(ShoftConfig, init, materialize, factored, flops)
+METHOD = base.Method(ShoftConfig, init, materialize, factored, flops, frozen_from_base=frozen_from_base)
