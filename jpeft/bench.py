@@ -80,8 +80,12 @@ class BenchConfig:
         from jpeft.models import phi
 
         phi.check_remat(self.remat)
-        if self.model not in phi.NAMED_CONFIGS:
-            raise ValueError(f"model must be one of {sorted(phi.NAMED_CONFIGS)}, got {self.model!r}")
+        flax_models = [f"{arch}:{size}" for arch in ("linen", "nnx") for size in phi.NAMED_CONFIGS]
+        if self.model not in phi.NAMED_CONFIGS and self.model not in flax_models:
+            raise ValueError(f"model must be one of {sorted(phi.NAMED_CONFIGS)} (the Phi port) or {flax_models} "
+                             f"(a decoder of stock flax modules at that size), got {self.model!r}")
+        if is_flax_model(self.model) and self.remat != "none":
+            raise ValueError(f"remat applies to the Phi port only, not to {self.model!r}")
         for name in ("compute_dtype", "param_dtype"):
             if getattr(self, name) not in train.COMPUTE_DTYPES:
                 raise ValueError(f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
@@ -90,6 +94,11 @@ class BenchConfig:
         extra = set(self.hparams) - set(self.methods) - {"hra"}  # hra: the PEFT baseline's r
         if extra:
             raise ValueError(f"hyper-parameters given for {sorted(extra)}, which are not among the methods {list(self.methods)}")
+
+
+def is_flax_model(model: str) -> bool:
+    """``linen:SIZE`` / ``nnx:SIZE``: the decoder of stock flax modules at a Phi size."""
+    return model.split(":")[0] in ("linen", "nnx") and ":" in model
 
 
 def model_flops_per_step(config, tokens: int, seq_len: int) -> float:
@@ -152,8 +161,8 @@ def timing_fields(times: list[float], tokens: int, flops: float, peak: float | N
     }
 
 
-def run_jpeft(cfg: BenchConfig, method: str) -> dict:
-    """Compile (and unless ``compile_only``, time) one jpeft method; runs in a worker."""
+def _phi_step(cfg: BenchConfig, method: str):
+    """Phi with ``method`` on its own ``jpeft.linear`` path: ``(loss, trainable, frozen, trainable count, config)``."""
     import jax
     import jax.numpy as jnp
 
@@ -169,15 +178,83 @@ def run_jpeft(cfg: BenchConfig, method: str) -> dict:
         params = model.init(key, jnp.zeros((1, 1), jnp.int32))["params"]
         return jpeft.apply(params, method, key=jax.random.fold_in(key, 1), targets=targets, **cfg.hparams.get(method, {}))
 
+    # compile_only: shapes alone (jax.eval_shape), so a full-size model compiles on a laptop
+    adapted = jax.eval_shape(build, jax.random.key(0)) if cfg.compile_only else build(jax.random.key(0))
+    return train.lm_loss_fn(model), *jpeft.partition(adapted), jpeft.count_params(adapted)["trainable"], config
+
+
+#: Routes of a model made of stock flax modules (``--model linen:SIZE`` / ``nnx:SIZE``):
+#: ``wrap`` (jpeft.wrap, factored), ``materialize`` (jpeft.materialize inside the loss),
+#: ``qwix`` (qwix's LoRA, linen), ``full`` (full fine-tuning).
+FLAX_ROUTES = ("wrap", "materialize", "qwix", "full")
+
+
+def _flax_step(cfg: BenchConfig, route: str, method: str):
+    """A stock-flax decoder (:mod:`jpeft.models.flax_decoder`) trained by ``route``:
+    ``(loss, trainable, frozen, trainable count, config)``."""
+    import jax
+
+    import jpeft
+    from jpeft import train
+    from jpeft.models import flax_decoder, phi
+
+    arch, size = cfg.model.split(":")
+    config = phi.config(size)
+    dcfg = flax_decoder.DecoderConfig.like(config)
+    apply_fn, params = flax_decoder.build(arch, dcfg, jax.random.key(0), cfg.compute_dtype, cfg.param_dtype,
+                                          abstract=cfg.compile_only)
+    hp = dataclasses.asdict(jpeft.core.make_config(method, **cfg.hparams.get(method, {})))
+    targets = list(cfg.targets) if cfg.targets else list(flax_decoder.TARGETS)
+    nones = lambda tree: jax.tree_util.tree_map(lambda _: None, tree)  # noqa: E731
+
+    def token_loss(logits, batch):
+        return train.token_loss(logits, batch["targets"], batch["loss_mask"])
+
+    if route in ("wrap", "materialize"):
+        adapt = lambda p: jpeft.apply(p, method, key=jax.random.key(1), targets=targets, layout=flax_decoder.LAYOUT, **hp)  # noqa: E731
+        adapted = jax.eval_shape(adapt, params) if cfg.compile_only else adapt(params)
+        trainable, frozen = jpeft.partition(adapted)
+        if route == "wrap":
+            loss = lambda p, batch, key: token_loss(jpeft.wrap(apply_fn, dropout_key=key)(p, batch["input_ids"]), batch)  # noqa: E731
+        else:  # no dropout exists on this route
+            loss = lambda p, batch, key: token_loss(apply_fn(jpeft.materialize(p), batch["input_ids"]), batch)  # noqa: E731
+        return loss, trainable, frozen, jpeft.count_params(adapted)["trainable"], config
+    if route == "full":
+        return (lambda p, batch, key: token_loss(apply_fn(p, batch["input_ids"]), batch)), params, nones(params), \
+            sum(x.size for x in jax.tree_util.tree_leaves(params)), config
+    # qwix's LoRA on the linen twin: the same rank, alpha, dropout and targets
+    import qwix
+
+    module = flax_decoder.linen_module(dcfg, cfg.compute_dtype, cfg.param_dtype)
+    rule = qwix.LoraRule(module_path=r".*(query|key|value|out|mlp_up|mlp_down)", rank=hp["r"], alpha=hp["alpha"],
+                         dropout=hp["dropout"])
+    lora_model = qwix.apply_lora_to_model(module, qwix.LoraProvider([rule]))
+    init = lambda k: lora_model.init(k, jax.numpy.zeros((1, 4), "int32"))["params"]  # noqa: E731
+    variables = jax.eval_shape(init, jax.random.key(0)) if cfg.compile_only else init(jax.random.key(0))
+    is_lora = lambda path, _: "_lora_" in jpeft.core.path_str(path)  # noqa: E731
+    trainable = jax.tree_util.tree_map_with_path(lambda p, x: x if is_lora(p, x) else None, variables)
+    frozen = jax.tree_util.tree_map_with_path(lambda p, x: None if is_lora(p, x) else x, variables)
+
+    def loss(p, batch, key):
+        rngs = None if key is None else {"dropout": key}
+        return token_loss(lora_model.apply({"params": p}, batch["input_ids"], rngs=rngs), batch)
+
+    return loss, trainable, frozen, sum(x.size for x in jax.tree_util.tree_leaves(trainable)), config
+
+
+def run_jpeft(cfg: BenchConfig, method: str, route: str = "jpeft") -> dict:
+    """Compile (and unless ``compile_only``, time) one train step; runs in a worker.
+    ``route`` ``jpeft``: the Phi port; one of :data:`FLAX_ROUTES`: the stock-flax decoder."""
+    import jax
+
+    from jpeft import train
+
+    loss, trainable, frozen, n_trainable, config = _phi_step(cfg, method) if route == "jpeft" else _flax_step(cfg, route, method)
     tx = train.optimizer(train.TrainConfig(batch_size=cfg.batch, warmup_steps=10, compute_dtype=cfg.compute_dtype), 1000)
     make_state = lambda trainable: train.init_state(trainable, tx, 0)  # noqa: E731
-    # compile_only: shapes alone (jax.eval_shape), so a full-size model compiles on a laptop
-    abstract = jax.eval_shape if cfg.compile_only else lambda f, *args: f(*args)
-    adapted = abstract(build, jax.random.key(0))
-    trainable, frozen = jpeft.partition(adapted)
-    state = abstract(make_state, trainable)
+    state = jax.eval_shape(make_state, trainable) if cfg.compile_only else make_state(trainable)
     batch = train.random_lm_batch(jax.random.key(2), cfg.batch, cfg.seq_len, config.vocab_size)
-    step = train.make_train_step(train.lm_loss_fn(model), tx, 1)
+    step = train.make_train_step(loss, tx, 1)
     start = time.perf_counter()
     compiled = step.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - start
@@ -186,8 +263,8 @@ def run_jpeft(cfg: BenchConfig, method: str) -> dict:
     device_name = f"{device.platform}:{getattr(device, 'device_kind', '')}"
     tokens = cfg.batch * cfg.seq_len
     flops = model_flops_per_step(config, tokens, cfg.seq_len)
-    result = {"impl": "jpeft", "method": method, "device": device_name, "model_tflop_per_step": flops / 1e12,
-              "compile_s": compile_s, "trainable": jpeft.count_params(adapted)["trainable"], **compiled_analysis(compiled)}
+    result = {"impl": route, "method": method, "device": device_name, "model_tflop_per_step": flops / 1e12,
+              "compile_s": compile_s, "trainable": n_trainable, **compiled_analysis(compiled)}
     if cfg.compile_only:
         return result
     holder = {"state": state}
@@ -204,7 +281,7 @@ def run_jpeft(cfg: BenchConfig, method: str) -> dict:
                     one()
             (trace,) = glob.glob(os.path.join(tmp, "plugins", "profile", "*", "*.trace.json.gz"))
             os.makedirs(cfg.profile_dir, exist_ok=True)
-            shutil.move(trace, trace_path(cfg, "jpeft", method))
+            shutil.move(trace, trace_path(cfg, route, method))
     stats = device.memory_stats() or {}
     result.update(timing_fields(times, tokens, flops, peak_flops(device_name, cfg.peak_tflops)))
     result["peak_memory_gib"] = stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
@@ -309,16 +386,25 @@ def _worker(payload: str) -> None:
     job = json.loads(payload)
     c = job["config"]
     cfg = BenchConfig(**{**c, "methods": tuple(c["methods"]), "targets": tuple(c["targets"]) if c["targets"] else None})
-    if job["impl"] == "jpeft":
-        result = run_jpeft(cfg, job["method"])
-    else:
+    if job["impl"].startswith("peft-"):
         result = run_peft(cfg, job["method"], compiled=job["impl"] == "peft-compiled")
+    else:
+        result = run_jpeft(cfg, job["method"], job["impl"])
     print("JPEFT_BENCH_RESULT " + json.dumps(result))
 
 
 def jobs(cfg: BenchConfig, peft: bool, peft_modes: tuple[str, ...]) -> list[tuple[str, str]]:
     """(impl, method) pairs: every jpeft method, then PEFT's counterparts per mode (PEFT
-    lacks SHOFT/RHOFT: its HRA is timed as their Householder baseline)."""
+    lacks SHOFT/RHOFT: its HRA is timed as their Householder baseline). A stock-flax
+    model runs every method through ``wrap``, then LoRA by the materialize route and
+    qwix (linen), then full fine-tuning."""
+    if is_flax_model(cfg.model):
+        if peft:
+            raise ValueError("--peft compares with the Phi port; a stock-flax model is compared with qwix and full fine-tuning")
+        out = [("wrap", m) for m in cfg.methods]
+        if "lora" in cfg.methods:
+            out += [("materialize", "lora")] + ([("qwix", "lora")] if cfg.model.startswith("linen:") else [])
+        return out + [("full", "full")]
     out = [("jpeft", m) for m in cfg.methods]
     if peft:
         if cfg.compile_only:
@@ -367,17 +453,22 @@ def _run_job(impl: str, method: str, cfg: BenchConfig, timeout: float) -> dict:
 
 
 def add_ratios(results: list[dict]) -> None:
-    """``x_jpeft_lora``: step time over jpeft's LoRA step; ``x_impl_lora``: over the same
-    implementation's LoRA step; ``x_lora_flop``: XLA FLOP over jpeft LoRA's."""
-    def lora(impl, key):
-        return next((r[key] for r in results if r["impl"] == impl and r["method"] == "lora" and r.get(key)), None)
+    """``x_jpeft_lora``: step time over jpeft's LoRA step (the Phi port's, or ``wrap``'s on a
+    stock-flax model); ``x_impl_lora``: over the same implementation's LoRA step;
+    ``x_lora_flop``: XLA FLOP over jpeft LoRA's; ``x_full``, ``x_full_flop``: step time and
+    XLA FLOP over full fine-tuning's (stock-flax models)."""
+    ours = "jpeft" if any(r["impl"] == "jpeft" for r in results) else "wrap"
+
+    def ref(impl, method, key):
+        return next((r[key] for r in results if r["impl"] == impl and r["method"] == method and r.get(key)), None)
 
     for r in results:
-        for name, impl, key in (("x_jpeft_lora", "jpeft", "step_ms"), ("x_impl_lora", r["impl"], "step_ms"),
-                                ("x_lora_flop", "jpeft", "xla_tflop_per_step")):
-            ref = lora(impl, key)
-            if ref and r.get(key):
-                r[name] = r[key] / ref
+        for name, impl, method, key in (("x_jpeft_lora", ours, "lora", "step_ms"), ("x_impl_lora", r["impl"], "lora", "step_ms"),
+                                        ("x_lora_flop", ours, "lora", "xla_tflop_per_step"),
+                                        ("x_full", "full", "full", "step_ms"), ("x_full_flop", "full", "full", "xla_tflop_per_step")):
+            base = ref(impl, method, key)
+            if base and r.get(key):
+                r[name] = r[key] / base
 
 
 def run(cfg: BenchConfig, *, peft: bool = False, peft_modes: tuple[str, ...] = ("eager", "compiled"),
@@ -429,23 +520,25 @@ def table(results: list[dict], cfg: BenchConfig, meta: dict) -> str:
         "",
     ]
     if cfg.compile_only:
-        lines += ["| method | XLA TFLOP/step | x LoRA FLOP | model TFLOP | memory estimate GiB | compile s | trainable |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += ["| impl | method | XLA TFLOP/step | x LoRA FLOP | x full FLOP | model TFLOP | memory estimate GiB | compile s | trainable |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     else:
-        lines += ["| impl | method | step ms [q1, q3] | x jpeft LoRA | x own LoRA | tokens/s | MFU | peak GiB "
+        lines += ["| impl | method | step ms [q1, q3] | x jpeft LoRA | x own LoRA | x full | tokens/s | MFU | peak GiB "
                   "| XLA estimate GiB | compile s | trainable |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['impl']} | {r['method']} | failed: {r['error'][:160].replace('|', '/')} |")
         elif cfg.compile_only:
-            lines.append(f"| {r['method']} | {_fmt(r.get('xla_tflop_per_step'), '.4g')} | {_fmt(r.get('x_lora_flop'), '.3f')} | "
+            lines.append(f"| {r['impl']} | {r['method']} | {_fmt(r.get('xla_tflop_per_step'), '.4g')} | "
+                         f"{_fmt(r.get('x_lora_flop'), '.3f')} | {_fmt(r.get('x_full_flop'), '.3f')} | "
                          f"{r['model_tflop_per_step']:.4g} | {_fmt(r.get('memory_estimate_gib'), '.2f')} | "
                          f"{r['compile_s']:.1f} | {r['trainable']:,} |")
         else:
             lines.append(
                 f"| {r['impl']} | {r['method']} | {r['step_ms']:.1f} [{r['step_ms_q1']:.1f}, {r['step_ms_q3']:.1f}] | "
-                f"{_fmt(r.get('x_jpeft_lora'), '.2f')} | {_fmt(r.get('x_impl_lora'), '.2f')} | {r['tokens_per_s']:,.0f} | "
+                f"{_fmt(r.get('x_jpeft_lora'), '.2f')} | {_fmt(r.get('x_impl_lora'), '.2f')} | {_fmt(r.get('x_full'), '.2f')} | "
+                f"{r['tokens_per_s']:,.0f} | "
                 f"{_fmt(r.get('mfu'), '.1%')} | {_fmt(r.get('peak_memory_gib'), '.2f')} | "
                 f"{_fmt(r.get('memory_estimate_gib'), '.2f')} | {r['compile_s']:.1f} | {r['trainable']:,} |"
             )
@@ -462,7 +555,8 @@ def plot(results: list[dict], cfg: BenchConfig, meta: dict, path: str) -> None:
     ok = [r for r in results if "error" not in r]
     time_key, time_label = (("xla_tflop_per_step", "XLA TFLOP per step") if cfg.compile_only
                             else ("step_ms", "median step time (ms)"))
-    colors = {"jpeft": "tab:blue", "peft-eager": "tab:gray", "peft-compiled": "tab:orange"}
+    colors = {"jpeft": "tab:blue", "wrap": "tab:blue", "peft-eager": "tab:gray", "peft-compiled": "tab:orange",
+              "materialize": "tab:red", "qwix": "tab:green", "full": "tab:purple"}
     labels = [f"{r['method']}\n{r['impl']}" for r in ok]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.2 * len(ok)), 4))
     memory = [r.get("peak_memory_gib") or r.get("memory_estimate_gib") or 0 for r in ok]
@@ -471,7 +565,7 @@ def plot(results: list[dict], cfg: BenchConfig, meta: dict, path: str) -> None:
         ax.bar(labels, values, color=[colors[r["impl"]] for r in ok])
         ax.set_ylabel(label, fontsize=8)
         ax.tick_params(axis="x", labelsize=7)
-    lora = next((r for r in ok if r["impl"] == "jpeft" and r["method"] == "lora" and r.get(time_key)), None)
+    lora = next((r for r in ok if r["impl"] in ("jpeft", "wrap") and r["method"] == "lora" and r.get(time_key)), None)
     if lora:  # the issue's bar: every method within 1.25x of jpeft's LoRA
         axes[0].axhline(1.25 * lora[time_key], color="k", linestyle="--", linewidth=0.8, label="1.25 x jpeft LoRA")
         axes[0].legend(fontsize=7)

@@ -232,7 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     bench = sub.add_parser("bench", formatter_class=fmt, help="time training steps of each method (and HF PEFT with --peft)")
-    bench.add_argument("--model", default="tiny", choices=NAMED_MODELS, help="random weights, real shapes")
+    bench.add_argument("--model", default="tiny", metavar="MODEL",
+                       choices=[*NAMED_MODELS, *(f"{arch}:{m}" for arch in ("linen", "nnx") for m in NAMED_MODELS)],
+                       help="random weights, real shapes: the Phi port (%s), or linen:SIZE / nnx:SIZE, a decoder of stock "
+                            "flax modules at that size run through jpeft.wrap and compared with the materialize route, "
+                            "qwix's LoRA (linen) and full fine-tuning" % ", ".join(NAMED_MODELS))
     bench.add_argument("--batch", type=int, default=16)
     bench.add_argument("--seq-len", type=int, default=256)
     bench.add_argument("--methods", nargs="+", default=list(THESIS_METHODS), help=METHODS_HELP)
