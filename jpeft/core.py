@@ -151,7 +151,7 @@ LAYOUT_HELP = (
 
 def check_layout(path: str, shape: tuple[int, ...], layout: str) -> None:
     """Raise ValueError unless ``layout`` describes a kernel of ``shape``."""
-    stacked = len(layout) - len(layout.lstrip("s"))
+    stacked = stack_depth(layout) if isinstance(layout, str) else 0
     problem = None
     if not isinstance(layout, str) or set(layout) - set("ios"):
         problem = "it may only use the letters i, o and s"
@@ -214,6 +214,11 @@ def from_matrix(w: Array, layout: str, kernel_shape: tuple[int, ...]) -> Array:
     order = _io_order(layout)
     w = w.reshape([kernel_shape[a] for a in order])
     return w if order == sorted(order) else jnp.transpose(w, np.argsort(order))
+
+
+def stack_depth(layout: str) -> int:
+    """The number of leading stacked (``s``) axes of a layout."""
+    return len(layout) - len(layout.lstrip("s"))
 
 
 def layer_meta(node: Node, depth: int = 1) -> Node:
@@ -302,8 +307,11 @@ def _sibling_biases(params: PyTree, kernels: list[str], method: str) -> list[str
 
 def full_node(leaf: Array) -> Node:
     """A leaf made fully trainable (``also_train``): a float32 copy to train, cast back on use."""
-    return Node("full", methods["full"].config(), tuple(leaf.shape), np.dtype(leaf.dtype),
-                {"weight": jnp.asarray(leaf, jnp.float32)}, {}, layout="", kernel_shape=tuple(leaf.shape))
+    spec = methods["full"]
+    config = spec.config()
+    trainable, frozen = spec.init(None, leaf, config)
+    return Node("full", config, tuple(leaf.shape), np.dtype(leaf.dtype), trainable, frozen,
+                layout="", kernel_shape=tuple(leaf.shape))
 
 
 def per_layer(fn, kernel: Array, layout: str):
@@ -311,7 +319,7 @@ def per_layer(fn, kernel: Array, layout: str):
     its results (pytrees of arrays) stacked back along the leading stacked axes. Layers
     run one by one: a ``vmap`` would batch the LAPACK calls of SVD-based inits, which can
     deadlock on CPU."""
-    depth = len(layout) - len(layout.lstrip("s"))
+    depth = stack_depth(layout)
     stack = tuple(kernel.shape[:depth])
     results = [fn(i, to_matrix(kernel[index], layout[depth:])) for i, index in enumerate(np.ndindex(*stack))]
     if not depth:
@@ -322,7 +330,7 @@ def per_layer(fn, kernel: Array, layout: str):
 def _init_node(spec: Method, method: str, config, key: Array, kernel: Array, layout: str) -> Node:
     """One node for ``kernel``; layer ``l`` of a stacked kernel gets its own init with
     ``fold_in(key, l)``. A frozen ``kernel`` entry is the model's array itself, uncopied."""
-    depth = len(layout) - len(layout.lstrip("s"))
+    depth = stack_depth(layout)
     keeps_base = []
 
     def layer_init(i, matrix):
@@ -376,11 +384,11 @@ def apply(params: PyTree, method: str, *, key: Array, targets: str | Iterable[st
     else:
         for p in chosen:
             lay = layouts[p]
-            per_layer = matrix_shape(shapes[p].shape[len(lay) - len(lay.lstrip("s")):], lay.lstrip("s"))
+            layer_shape = matrix_shape(shapes[p].shape[stack_depth(lay):], lay.lstrip("s"))
             try:
-                config.check(per_layer)
+                config.check(layer_shape)
             except ValueError as e:
-                seen_as = "" if lay == "io" else f" (layout {lay!r}, one layer as an {per_layer} matrix)"
+                seen_as = "" if lay == "io" else f" (layout {lay!r}, one layer as an {layer_shape} matrix)"
                 raise ValueError(f"{method} cannot adapt {p!r}{seen_as}: {e}") from None
         full = _also_train_paths(params, also_train, chosen)
     order = {p: i for i, p in enumerate(chosen)}
@@ -544,14 +552,3 @@ def linear(x: Array, kernel: Array | Node, *, dropout_key: Array | None = None, 
     if path == "factored":
         return spec.factored(x, kernel, dropout_key)
     return x @ spec.materialize(kernel).astype(x.dtype)
-
-
-def linear_general(x: Array, kernel: Array | Node, *, dropout_key: Array | None = None, path: str = "auto") -> Array:
-    """:func:`linear` for a kernel of any layout: ``x`` ends with the ``i`` axes, the result
-    with the ``o`` axes (as ``DenseGeneral`` computes with an (i…, o…) kernel)."""
-    if not is_node(kernel) or kernel.layout in ("io", ""):
-        return linear(x, kernel, dropout_key=dropout_key, path=path)
-    n, m = kernel.shape
-    n_in = kernel.layout.count("i")
-    y = linear(x.reshape(x.shape[: x.ndim - n_in] + (n,)), kernel, dropout_key=dropout_key, path=path)
-    return y.reshape(y.shape[:-1] + tuple(d for d, c in zip(kernel.kernel_shape, kernel.layout) if c == "o"))
