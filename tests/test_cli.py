@@ -48,7 +48,8 @@ def test_set_syntax_version_help_and_no_run_dir_on_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "--model {phi-1.5,small,tiny}" in help_text and "(default: tiny)" in help_text and "hra" in help_text
+    assert "--model MODEL" in help_text and "(phi-1.5, small, tiny), or linen:SIZE / nnx:SIZE" in help_text
+    assert "(default: tiny)" in help_text and "hra" in help_text
     # a run refused by validation leaves no run directory behind
     run = tmp_path / "run"
     with pytest.raises(SystemExit):
