@@ -86,6 +86,8 @@ class BenchConfig:
                              f"(a decoder of stock flax modules at that size), got {self.model!r}")
         if is_flax_model(self.model) and self.remat != "none":
             raise ValueError(f"remat applies to the Phi port only, not to {self.model!r}")
+        if is_flax_model(self.model) and self.targets and "lora" in self.methods:
+            qwix_module_path(self.targets)  # the qwix LoRA route must adapt the same layers
         for name in ("compute_dtype", "param_dtype"):
             if getattr(self, name) not in train.COMPUTE_DTYPES:
                 raise ValueError(f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
@@ -185,8 +187,18 @@ def _phi_step(cfg: BenchConfig, method: str):
 
 #: Routes of a model made of stock flax modules (``--model linen:SIZE`` / ``nnx:SIZE``):
 #: ``wrap`` (jpeft.wrap, factored), ``materialize`` (jpeft.materialize inside the loss),
-#: ``qwix`` (qwix's LoRA, linen), ``full`` (full fine-tuning).
+#: ``qwix`` (qwix's LoRA), ``full`` (full fine-tuning).
 FLAX_ROUTES = ("wrap", "materialize", "qwix", "full")
+
+
+def qwix_module_path(targets: list[str] | tuple[str, ...]) -> str:
+    """qwix's ``module_path`` regex for jpeft kernel ``targets``: qwix matches the path of
+    the module owning a kernel, so each target must end in ``/kernel`` (refused otherwise,
+    as qwix's LoRA would then adapt other layers than jpeft's)."""
+    bad = [t for t in targets if not t.endswith("/kernel")]
+    if bad:
+        raise ValueError(f"the qwix route needs targets ending in '/kernel' (qwix selects modules, not parameters), got {bad}")
+    return "|".join(f"(?:{t.removesuffix('/kernel')})" for t in targets)
 
 
 def _flax_step(cfg: BenchConfig, route: str, method: str):
@@ -222,23 +234,37 @@ def _flax_step(cfg: BenchConfig, route: str, method: str):
     if route == "full":
         return (lambda p, batch, key: token_loss(apply_fn(p, batch["input_ids"]), batch)), params, nones(params), \
             sum(x.size for x in jax.tree_util.tree_leaves(params)), config
-    # qwix's LoRA on the linen twin: the same rank, alpha, dropout and targets
+    # qwix's LoRA on the same model: the same rank, alpha, dropout and targets. qwix
+    # creates its adapters in the base weights' dtype (bf16 with a bf16 base), jpeft in float32.
     import qwix
 
-    module = flax_decoder.linen_module(dcfg, cfg.compute_dtype, cfg.param_dtype)
-    rule = qwix.LoraRule(module_path=r".*(query|key|value|out|mlp_up|mlp_down)", rank=hp["r"], alpha=hp["alpha"],
-                         dropout=hp["dropout"])
-    lora_model = qwix.apply_lora_to_model(module, qwix.LoraProvider([rule]))
-    init = lambda k: lora_model.init(k, jax.numpy.zeros((1, 4), "int32"))["params"]  # noqa: E731
-    variables = jax.eval_shape(init, jax.random.key(0)) if cfg.compile_only else init(jax.random.key(0))
+    from flax import nnx
+
+    rule = qwix.LoraRule(module_path=qwix_module_path(targets), rank=hp["r"], alpha=hp["alpha"], dropout=hp["dropout"])
+    provider = qwix.LoraProvider([rule])
+    ids = jax.numpy.zeros((1, 4), "int32")
+    if arch == "linen":
+        lora_model = qwix.apply_lora_to_model(flax_decoder.linen_module(dcfg, cfg.compute_dtype, cfg.param_dtype), provider)
+        init = lambda k: lora_model.init(k, ids)["params"]  # noqa: E731
+        variables = jax.eval_shape(init, jax.random.key(0)) if cfg.compile_only else init(jax.random.key(0))
+
+        def forward(p, ids, key):
+            return lora_model.apply({"params": p}, ids, rngs=None if key is None else {"dropout": key})
+    else:  # NNX: qwix rewrites the module by running it once; its dropout draws from `qwix_rngs`
+        make = lambda: qwix.apply_lora_to_model(  # noqa: E731
+            flax_decoder.nnx_module(dcfg, jax.random.key(0), cfg.compute_dtype, cfg.param_dtype), provider, ids,
+            rngs=nnx.Rngs(1))
+        graphdef, variables = nnx.split(nnx.eval_shape(make) if cfg.compile_only else make())
+
+        def forward(p, ids, key):
+            model = nnx.merge(graphdef, p)
+            if key is not None:
+                model.set_attributes(qwix_rngs=nnx.Rngs(dropout=key))
+            return model(ids)
     is_lora = lambda path, _: "_lora_" in jpeft.core.path_str(path)  # noqa: E731
     trainable = jax.tree_util.tree_map_with_path(lambda p, x: x if is_lora(p, x) else None, variables)
     frozen = jax.tree_util.tree_map_with_path(lambda p, x: None if is_lora(p, x) else x, variables)
-
-    def loss(p, batch, key):
-        rngs = None if key is None else {"dropout": key}
-        return token_loss(lora_model.apply({"params": p}, batch["input_ids"], rngs=rngs), batch)
-
+    loss = lambda p, batch, key: token_loss(forward(p, batch["input_ids"], key), batch)  # noqa: E731
     return loss, trainable, frozen, sum(x.size for x in jax.tree_util.tree_leaves(trainable)), config
 
 
@@ -397,13 +423,13 @@ def jobs(cfg: BenchConfig, peft: bool, peft_modes: tuple[str, ...]) -> list[tupl
     """(impl, method) pairs: every jpeft method, then PEFT's counterparts per mode (PEFT
     lacks SHOFT/RHOFT: its HRA is timed as their Householder baseline). A stock-flax
     model runs every method through ``wrap``, then LoRA by the materialize route and
-    qwix (linen), then full fine-tuning."""
+    qwix, then full fine-tuning."""
     if is_flax_model(cfg.model):
         if peft:
             raise ValueError("--peft compares with the Phi port; a stock-flax model is compared with qwix and full fine-tuning")
         out = [("wrap", m) for m in cfg.methods]
         if "lora" in cfg.methods:
-            out += [("materialize", "lora")] + ([("qwix", "lora")] if cfg.model.startswith("linen:") else [])
+            out += [("materialize", "lora"), ("qwix", "lora")]
         return out + [("full", "full")]
     out = [("jpeft", m) for m in cfg.methods]
     if peft:

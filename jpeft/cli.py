@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=[*NAMED_MODELS, *(f"{arch}:{m}" for arch in ("linen", "nnx") for m in NAMED_MODELS)],
                        help="random weights, real shapes: the Phi port (%s), or linen:SIZE / nnx:SIZE, a decoder of stock "
                             "flax modules at that size run through jpeft.wrap and compared with the materialize route, "
-                            "qwix's LoRA (linen) and full fine-tuning" % ", ".join(NAMED_MODELS))
+                            "qwix's LoRA and full fine-tuning" % ", ".join(NAMED_MODELS))
     bench.add_argument("--batch", type=int, default=16)
     bench.add_argument("--seq-len", type=int, default=256)
     bench.add_argument("--methods", nargs="+", default=list(THESIS_METHODS), help=METHODS_HELP)

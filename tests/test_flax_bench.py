@@ -34,18 +34,25 @@ def test_bench_config_accepts_flax_models_and_refuses_others():
         bench.BenchConfig(model="linen:tiny", remat="dots")
     cfg = bench.BenchConfig(model="linen:tiny", methods=("lora", "oft"))
     assert bench.jobs(cfg, False, ()) == [("wrap", "lora"), ("wrap", "oft"), ("materialize", "lora"), ("qwix", "lora"), ("full", "full")]
-    assert ("qwix", "lora") not in bench.jobs(bench.BenchConfig(model="nnx:tiny"), False, ())
+    assert ("qwix", "lora") in bench.jobs(bench.BenchConfig(model="nnx:tiny"), False, ())
+    assert bench.jobs(bench.BenchConfig(model="nnx:tiny", methods=("oft",)), False, ()) == [("wrap", "oft"), ("full", "full")]
+    with pytest.raises(ValueError, match=r"qwix route needs targets ending in '/kernel'.*'.\*query/bias'"):
+        bench.BenchConfig(model="linen:tiny", methods=("lora",), targets=(".*query/kernel", ".*query/bias"))
     with pytest.raises(ValueError, match=r"--peft compares with the Phi port"):
         bench.jobs(cfg, True, ("eager",))
 
 
-def test_compile_only_routes_rank_as_the_cost_model_says():
+@pytest.mark.parametrize("arch", flax_decoder.ARCHS)
+def test_compile_only_routes_rank_as_the_cost_model_says(arch):
     """Wrapped LoRA and qwix's LoRA skip the base's weight gradient; the materialize route
     pays it for the targets and full fine-tuning for every weight (at these tiny sizes
     norms, softmax and the loss are a large share of the step, hence the loose margins)."""
-    cfg = bench.BenchConfig(model="linen:tiny", batch=32, seq_len=128, compile_only=True, compute_dtype="float32",
+    cfg = bench.BenchConfig(model=f"{arch}:tiny", batch=32, seq_len=128, compile_only=True, compute_dtype="float32",
                             param_dtype="float32", methods=("lora",), hparams={"lora": {"r": 4}})
-    flop = {route: bench.run_jpeft(cfg, "full" if route == "full" else "lora", route)["xla_tflop_per_step"]
+    runs = {route: bench.run_jpeft(cfg, "full" if route == "full" else "lora", route)
             for route in ("wrap", "materialize", "qwix", "full")}
+    flop = {route: r["xla_tflop_per_step"] for route, r in runs.items()}
     assert flop["wrap"] < 0.97 * flop["materialize"] < 0.97 * flop["full"], flop
     assert flop["qwix"] == pytest.approx(flop["wrap"], rel=0.1), flop
+    assert runs["qwix"]["trainable"] == runs["wrap"]["trainable"] == runs["materialize"]["trainable"]  # the same adapters
+    assert all(r["memory_estimate_gib"] > 0 for r in runs.values())

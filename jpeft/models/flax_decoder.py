@@ -109,7 +109,7 @@ class NnxDecoder(nnx.Module):
 
 
 def build(arch: str, cfg: DecoderConfig, key: jax.Array, dtype=jnp.float32, param_dtype=jnp.float32,
-          abstract: bool = False):
+          abstract: bool = False) -> tuple[Callable[[Any, jax.Array], jax.Array], Any]:
     """``(apply, params)``: ``apply(params, ids) -> float32 logits`` and the parameter tree
     (linen ``params`` or NNX state) for ``arch`` in :data:`ARCHS`; with ``abstract``, the
     parameters are ``jax.ShapeDtypeStruct`` (nothing allocated)."""
@@ -119,7 +119,7 @@ def build(arch: str, cfg: DecoderConfig, key: jax.Array, dtype=jnp.float32, para
         model = LinenDecoder(cfg, dtype, param_dtype)
         init = lambda k: model.init(k, jnp.zeros((1, 4), jnp.int32))["params"]
         return (lambda p, ids: model.apply({"params": p}, ids)), (jax.eval_shape(init, key) if abstract else init(key))
-    make = lambda: NnxDecoder(cfg, dtype, param_dtype, rngs=nnx.Rngs(params=key))
+    make = lambda: nnx_module(cfg, key, dtype, param_dtype)
     graphdef, state = nnx.split(nnx.eval_shape(make) if abstract else make())
     return (lambda s, ids: nnx.merge(graphdef, s)(ids)), state
 
@@ -127,3 +127,9 @@ def build(arch: str, cfg: DecoderConfig, key: jax.Array, dtype=jnp.float32, para
 def linen_module(cfg: DecoderConfig, dtype=jnp.float32, param_dtype=jnp.float32) -> nn.Module:
     """The linen module itself (what qwix's LoRA provider rewrites)."""
     return LinenDecoder(cfg, dtype, param_dtype)
+
+
+def nnx_module(cfg: DecoderConfig, key: jax.Array, dtype=jnp.float32, param_dtype=jnp.float32) -> NnxDecoder:
+    """The NNX model itself, initialized from ``key`` (what qwix's LoRA provider rewrites);
+    :func:`build` with the same key gives the same weights."""
+    return NnxDecoder(cfg, dtype, param_dtype, rngs=nnx.Rngs(params=key))
