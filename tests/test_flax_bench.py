@@ -21,7 +21,14 @@ def test_decoder_runs_adapted_through_wrap(arch):
     adapted = jpeft.apply(params, "lora", key=jax.random.key(2), targets=list(flax_decoder.TARGETS),
                           layout=flax_decoder.LAYOUT, r=4)
     assert len(jpeft.count_params(adapted)["targets"]) == 6 * TINY.layers
-    np.testing.assert_allclose(jpeft.wrap(apply_fn)(adapted, ids), logits, rtol=1e-5, atol=1e-5)  # LoRA starts at W
+    wrapped = jax.jit(jpeft.wrap(apply_fn))
+    np.testing.assert_allclose(wrapped(adapted, ids), logits, rtol=1e-5, atol=1e-5)  # LoRA starts at W
+    trainable, frozen = jpeft.partition(adapted)  # moved off the start, wrap still equals the materialized model
+    trainable = jax.tree_util.tree_map(lambda x: x + 0.05 * jnp.cos(jnp.arange(x.size).reshape(x.shape)), trainable)
+    moved = jpeft.combine(trainable, frozen)
+    out = wrapped(moved, ids)
+    assert not np.allclose(out, logits, atol=1e-3)
+    np.testing.assert_allclose(out, apply_fn(jpeft.materialize(moved), ids), rtol=1e-4, atol=1e-5)
     causal = apply_fn(params, ids.at[:, -1].set(0))
     np.testing.assert_allclose(causal[:, :-1], logits[:, :-1], rtol=1e-5, atol=1e-5)  # the mask is causal
 
