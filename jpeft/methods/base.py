@@ -35,10 +35,13 @@ class Method(NamedTuple):
         training step (forward + backward) of the layer on ``tokens`` rows.
       scope: ``"kernel"`` (the targeted kernels become nodes) or ``"bias"`` (the
         targeted layers' biases become fully trainable and their kernels stay plain: BitFit).
-      frozen_from_base: ``(kernel, config) -> frozen`` when every frozen array can be
-        recomputed from the base kernel (SHOFT's SVD); adapters then store none of them,
-        only their vectors, as a check of the base they are loaded onto. ``None``: frozen
-        arrays other than ``kernel`` are stored.
+      frozen_from_base: ``(kernel, config) -> frozen``, the frozen dict ``init`` gives,
+        when every frozen array can be recomputed from the base kernel alone (no key):
+        :func:`base_kernel` for methods that keep just the base, SHOFT's float64 SVD.
+        Adapter exports then store none of these arrays, only their vectors (SHOFT's
+        singular values) to check the base they are loaded onto, and loading rebuilds
+        them. ``None`` (RHOFT, whose randomized SVD depends on the key): the frozen
+        arrays other than ``kernel`` are stored in the adapter.
 
     A frozen entry named ``kernel`` must be the base kernel itself: ``jpeft.apply``
     stores the model's own array there (any layout, a whole stack, never a copy).
@@ -51,6 +54,11 @@ class Method(NamedTuple):
     flops: Callable[[Node, int], tuple[float, float]]
     scope: str = "kernel"
     frozen_from_base: Callable[[Array, Any], dict] | None = None
+
+
+def base_kernel(kernel: Array, config: Any) -> dict:
+    """``frozen_from_base`` of a method whose only frozen array is the base kernel itself."""
+    return {"kernel": kernel}
 
 
 def require(condition: bool, message: str) -> None:

@@ -108,4 +108,4 @@ def flops(node: Node, tokens: int):
     return base.frozen_step_flops(node, tokens) + rotate + 4.0 * tokens * m, base.dense_step_flops(node, tokens) + build
 
 
-METHOD = base.Method(BoftConfig, init, materialize, factored, flops)
+METHOD = base.Method(BoftConfig, init, materialize, factored, flops, frozen_from_base=base.base_kernel)

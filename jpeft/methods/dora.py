@@ -70,4 +70,4 @@ def flops(node: Node, tokens: int):
     return fact + norms + 4.0 * tokens * m, mat + 3 * 2.0 * n * m
 
 
-METHOD = base.Method(DoraConfig, init, materialize, factored, flops)
+METHOD = base.Method(DoraConfig, init, materialize, factored, flops, frozen_from_base=base.base_kernel)

@@ -69,4 +69,4 @@ def flops(node: Node, tokens: int):
     return base.frozen_step_flops(node, tokens) + reflect, base.dense_step_flops(node, tokens) + build
 
 
-METHOD = base.Method(HraConfig, init, materialize, factored, flops)
+METHOD = base.Method(HraConfig, init, materialize, factored, flops, frozen_from_base=base.base_kernel)

@@ -92,4 +92,4 @@ def flops(node: Node, tokens: int):
     return base.frozen_step_flops(node, tokens) + adapter, base.dense_step_flops(node, tokens) + 3.0 * n * m
 
 
-METHOD = base.Method(LokrConfig, init, materialize, factored, flops)
+METHOD = base.Method(LokrConfig, init, materialize, factored, flops, frozen_from_base=base.base_kernel)

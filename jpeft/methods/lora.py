@@ -94,4 +94,4 @@ def flops(node: Node, tokens: int):
     return base.frozen_step_flops(node, tokens) + adapter, base.dense_step_flops(node, tokens) + rebuild
 
 
-METHOD = base.Method(LoraConfig, init, materialize, factored, flops)
+METHOD = base.Method(LoraConfig, init, materialize, factored, flops, frozen_from_base=base.base_kernel)

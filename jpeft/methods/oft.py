@@ -106,4 +106,4 @@ def flops(node: Node, tokens: int):
     return base.frozen_step_flops(node, tokens) + rotate, base.dense_step_flops(node, tokens) + build
 
 
-METHOD = base.Method(OftConfig, init, materialize, factored, flops)
+METHOD = base.Method(OftConfig, init, materialize, factored, flops, frozen_from_base=base.base_kernel)

@@ -15,10 +15,12 @@ On the Flax kernel ``K = Mᵀ = V Σ Uᵀ``: ``K' = H_Vᵀ V Σ' Uᵀ H_Uᵀ`` a
     y = ((((x H_Vᵀ) V) ⊙ σ') Uᵀ) H_Uᵀ.
 
 The SVD is computed once, at ``apply``, in float64 on the host
-(:func:`jpeft.linalg.svd_float64`). Frozen arrays: ``u`` (out × p), ``v`` (in × p), ``p = min(in, out)``, in the kernel's
-dtype, and ``sigma0`` (p), the base's singular values; the original kernel is not kept.
-Trainable: ``w_u`` (out × r_U), ``w_v`` (in × r_V), ``sigma`` (p). Adapters store none
-of the frozen arrays but ``sigma0``: they are recomputed from the base on loading.
+(:func:`jpeft.linalg.svd_float64`). Frozen arrays: ``u`` (out × p), ``v`` (in × p),
+``p = min(in, out)``, and ``sigma0`` (p), the base's singular values, in the kernel's
+dtype; the original kernel is not kept. Trainable: ``w_u`` (out × r_U),
+``w_v`` (in × r_V), ``sigma`` (p). ``u`` and ``v`` hold twice the numbers of a square
+base, and the base rebuilds them (:func:`frozen_from_base`), so adapters store none of
+the frozen arrays but ``sigma0``, which identifies the base they were trained on.
 
 Paths: factored costs ``4·T·p·(in+out)`` plus ``O(T·(in·r_V + out·r_U))`` per training
 step and no weight gradient; materializing costs ``6·T·in·out`` plus ``6·in·p·out`` to
@@ -67,22 +69,33 @@ def householder_init(key, shape, config) -> dict:
 
 
 def frozen_from_base(kernel, config: ShoftConfig) -> dict:
-    """``u``, ``v`` of the float64 SVD ``K = V Σ Uᵀ`` (the left singular vectors of ``K`` are
-    the thesis' ``V``) and ``sigma0 = Σ``, the base's singular values, in the kernel's dtype.
+    """The frozen arrays of ``kernel``, in its dtype: ``u``, ``v`` of the float64 SVD
+    ``K = V Σ Uᵀ`` (the left singular vectors of ``K`` are the thesis' ``V``) and
+    ``sigma0 = Σ``. ``init`` builds them with the same code (:func:`_svd`), and
+    ``jpeft.checkpoint.load_adapter`` calls it to rebuild an adapter's frozen arrays from
+    its base instead of storing them.
 
-    Recomputing them from the same base gives the same arrays, up to the sign of a column
-    of both ``u`` and ``v``, which leaves ``K'`` unchanged (``Σ'`` is diagonal); ``sigma0``
-    identifies the base (an adapter loaded onto another base is refused)."""
-    return _frozen(*linalg.svd_float64(kernel), kernel.dtype)
+    It is deterministic, so the same base gives the same arrays. Another LAPACK could flip
+    the sign of a singular pair: column ``j`` of both ``u`` and ``v`` negated, which leaves
+    ``K' = (H_Vᵀ V) Σ' (Uᵀ H_Uᵀ)`` unchanged because ``Σ'`` is diagonal (the two signs
+    cancel in ``v_j σ'_j u_jᵀ``); only a repeated singular value, which trained weights do
+    not have in practice, would leave a rotation of its pairs free. ``sigma0`` has no
+    sign: it identifies the base, and an adapter loaded onto another base is refused by
+    comparing it.
+    """
+    return _svd(kernel)[1]
 
 
-def _frozen(v, s, u, dtype) -> dict:
-    return {"u": u.astype(dtype), "v": v.astype(dtype), "sigma0": s.astype(dtype)}
+def _svd(kernel) -> tuple[jax.Array, dict]:
+    """``(Σ in float32, frozen arrays)``: ``init`` starts ``Σ'`` at the float32 ``Σ`` (not its
+    rounding to a bf16 kernel's dtype), so it needs both."""
+    v, s, u = linalg.svd_float64(kernel)
+    return s, {"u": u.astype(kernel.dtype), "v": v.astype(kernel.dtype), "sigma0": s.astype(kernel.dtype)}
 
 
 def init(key, kernel, config: ShoftConfig):
-    v, s, u = linalg.svd_float64(kernel)
-    return householder_init(key, kernel.shape, config) | {"sigma": s}, _frozen(v, s, u, kernel.dtype)
+    s, frozen = _svd(kernel)
+    return householder_init(key, kernel.shape, config) | {"sigma": s}, frozen
 
 
 def materialize(node: Node) -> jax.Array:
