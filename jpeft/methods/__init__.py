@@ -1,8 +1,18 @@
 """One module per method; each exposes ``METHOD``, a :class:`jpeft.methods.base.Method`."""
 
-from jpeft.methods import bitfit, boft, dora, full, hra, lokr, lora, oft, rhoft, shoft
+from jpeft.methods import bitfit
+from jpeft.methods import boft
+from jpeft.methods import dora
+from jpeft.methods import full
+from jpeft.methods import hra
+from jpeft.methods import lokr
+from jpeft.methods import lora
+from jpeft.methods import oft
+from jpeft.methods import rhoft
+from jpeft.methods import shoft
 from jpeft.methods.base import Method
 
+# registry order is the order of every table (jpeft count, the demo, bench)
 BUILTIN = {
     "lora": lora.METHOD,
     "dora": dora.METHOD,
@@ -12,6 +22,7 @@ BUILTIN = {
     "shoft": shoft.METHOD,
     "rhoft": rhoft.METHOD,
     "hra": hra.METHOD,
+    # the seeds' other weight-space methods
     "bitfit": bitfit.METHOD,
     "full": full.METHOD,
 }
