@@ -19,6 +19,8 @@ SMALL_HPARAMS = {
     "hra": dict(r=5),  # odd: ends with a zero (identity) reflection
 }
 METHODS = list(SMALL_HPARAMS)
+# methods whose paper does not start at the original weights (each pins its own bound elsewhere)
+NOT_IDENTITY_AT_INIT = {"rhoft"}
 
 
 def decaying_matrix(key, shape, decay=0.9, dtype=jnp.float32):
