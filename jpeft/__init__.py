@@ -18,6 +18,7 @@ from jpeft.core import (
     methods,
     partition,
     register,
+    with_rank,
 )
 from jpeft.methods.base import Method
 from jpeft.wrap import wrap
@@ -37,6 +38,7 @@ __all__ = [
     "methods",
     "partition",
     "register",
+    "with_rank",
     "wrap",
 ]
 __version__ = "0.1.0"

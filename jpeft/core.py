@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.methods import BUILTIN, Method
+from jpeft.methods.base import SHARED_KEY
 from jpeft.node import Node, is_node
 
 Array = jax.Array
@@ -230,7 +231,14 @@ def layer_meta(node: Node, depth: int = 1) -> Node:
 @functools.lru_cache(maxsize=None)
 def _layer_leaf_ndims(method: str, config, shape: tuple[int, int], dtype) -> tuple[int, ...]:
     """The ranks of one layer's arrays, in tree order (from shapes only)."""
-    init = lambda: get_method(method).init(jax.random.key(0), jnp.zeros(shape, dtype), config)
+    spec = get_method(method)
+
+    def init():
+        key, kernel = jax.random.key(0), jnp.zeros(shape, dtype)
+        if spec.shared is None:
+            return spec.init(key, kernel, config)
+        return spec.init(key, kernel, config, spec.shared(key, [jax.ShapeDtypeStruct(shape, dtype)], config))
+
     return tuple(x.ndim for x in jax.tree_util.tree_leaves(jax.eval_shape(init)))
 
 
@@ -327,14 +335,18 @@ def per_layer(fn, kernel: Array, layout: str):
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs).reshape(stack + xs[0].shape), *results)
 
 
-def _init_node(spec: Method, method: str, config, key: Array, kernel: Array, layout: str) -> Node:
+def _init_node(spec: Method, method: str, config, key: Array, kernel: Array, layout: str, shared: Any = None) -> Node:
     """One node for ``kernel``; layer ``l`` of a stacked kernel gets its own init with
-    ``fold_in(key, l)``. A frozen ``kernel`` entry is the model's array itself, uncopied."""
+    ``fold_in(key, l)``. A frozen ``kernel`` entry is the model's array itself, uncopied.
+    ``shared`` (what :attr:`Method.shared` made for the whole apply) goes to every
+    layer's ``init``; the arrays it hands out stay the same objects in an unstacked node
+    (a stacked node holds one copy per layer: its arrays have the stacked axes)."""
     depth = stack_depth(layout)
     keeps_base = []
+    extra = () if spec.shared is None else (shared,)
 
     def layer_init(i, matrix):
-        trainable, frozen = spec.init(jax.random.fold_in(key, i) if depth else key, matrix, config)
+        trainable, frozen = spec.init(jax.random.fold_in(key, i) if depth else key, matrix, config, *extra)
         keeps_base.append("kernel" in frozen)
         return trainable, {k: v for k, v in frozen.items() if k != "kernel"}
 
@@ -354,9 +366,12 @@ def apply(params: PyTree, method: str, *, key: Array, targets: str | Iterable[st
       params: a Flax parameter pytree: linen ``params`` or NNX state from ``nnx.split``
         (kernels compute ``y = x @ K``).
       method: a name in :data:`methods` (``lora``, ``dora``, ``lokr``, ``oft``, ``boft``,
-        ``shoft``, ``rhoft``, ``hra``, ``bitfit``, ``full`` or a registered one).
+        ``shoft``, ``rhoft``, ``hra``, ``vera``, ``dylora``, ``bitfit``, ``full`` or a
+        registered one).
       key: a ``jax.random`` key; target ``i`` (in tree order) uses ``fold_in(key, i)``, and
-        layer ``l`` of a stacked target ``fold_in(fold_in(key, i), l)``.
+        layer ``l`` of a stacked target ``fold_in(fold_in(key, i), l)``; what all targets
+        share (:attr:`Method.shared`: VeRA's projections) is drawn once from
+        ``fold_in(key, 2**32 - 1)``.
       targets: a regex or a list of regexes matched against whole '/'-joined paths;
         ``None`` selects the Q/K/V projections (:data:`DEFAULT_TARGETS`).
       layout: how a kernel's axes form the matrix its layer computes, one letter per axis
@@ -392,26 +407,78 @@ def apply(params: PyTree, method: str, *, key: Array, targets: str | Iterable[st
                 raise ValueError(f"{method} cannot adapt {p!r}{seen_as}: {e}") from None
         full = _also_train_paths(params, also_train, chosen)
     order = {p: i for i, p in enumerate(chosen)}
+    shared = None
+    if spec.shared is not None and chosen:  # one draw for all targets (VeRA's A, B)
+        layers = [
+            jax.ShapeDtypeStruct(matrix_shape(shapes[p].shape[stack_depth(layouts[p]):], layouts[p].lstrip("s")), shapes[p].dtype)
+            for p in chosen
+        ]
+        shared = spec.shared(jax.random.fold_in(key, SHARED_KEY), layers, config)
 
     def convert(path, leaf):
         p = path_str(path)
         if p in order:
-            return _init_node(spec, method, config, jax.random.fold_in(key, order[p]), leaf, layouts[p])
+            return _init_node(spec, method, config, jax.random.fold_in(key, order[p]), leaf, layouts[p], shared)
         return full_node(leaf) if p in full else leaf
 
     return jax.tree_util.tree_map_with_path(convert, params, is_leaf=is_node)
 
 
-def materialize_node(node: Node) -> Array:
-    """``W'`` of one node in the kernel's own layout and dtype (every layer of a stack)."""
+def _ranked(node: Node, rank: int, where: str = "") -> Node:
+    """``node`` evaluating at ``rank`` (:attr:`Method.with_rank`), the error naming the node."""
+    spec = get_method(node.method)
+    name = f"{where!r} " if where else ""
+    if spec.with_rank is None:
+        raise ValueError(f"node {name}({node.method}) has no evaluation rank to set; {_ranked_help()}")
+    try:
+        return node.replace(config=spec.with_rank(node.config, rank))
+    except ValueError as e:
+        raise ValueError(f"rank={rank!r} does not fit node {name}({node.method}, {node.config}): {e}") from None
+
+
+def _ranked_help() -> str:
+    names = ", ".join(sorted(n for n, m in methods.items() if m.with_rank is not None)) or "none registered"
+    return f"rank applies to the methods trained for every rank up to their r ({names})"
+
+
+def with_rank(adapted: PyTree, rank: int) -> PyTree:
+    """``adapted`` with every node whose method has an evaluation rank (DyLoRA) set to
+    evaluate at ``rank``: :func:`linear` without a key and :func:`materialize` then use
+    the first ``rank`` ranks. Other nodes are unchanged. ValueError, naming the nodes, if
+    ``rank`` does not fit one of them (above its ``r``) or if no node has such a rank."""
+    leaves = leaves_with_paths(adapted)
+    ranked = {p for p, x in leaves if is_node(x) and get_method(x.method).with_rank is not None}
+    if not ranked:
+        nodes = [f"{p} ({x.method})" for p, x in leaves if is_node(x)]
+        raise ValueError(f"rank={rank!r} given, but no node of the tree has an evaluation rank: {nodes[:10]}"
+                         f"{' ...' if len(nodes) > 10 else ''}; {_ranked_help()}")
+
+    def convert(path, x):
+        p = path_str(path)
+        return _ranked(x, rank, p) if p in ranked else x
+
+    return jax.tree_util.tree_map_with_path(convert, adapted, is_leaf=is_node)
+
+
+def materialize_node(node: Node, rank: int | None = None) -> Array:
+    """``W'`` of one node in the kernel's own layout and dtype (every layer of a stack);
+    ``rank`` keeps the first ``rank`` ranks of a node that has an evaluation rank (DyLoRA)."""
+    if rank is not None:
+        node = _ranked(node, rank)
     spec = get_method(node.method)
     layer = lambda n: from_matrix(spec.materialize(matrix_view(n)).astype(n.dtype), n.layout, n.kernel_shape)
     return map_layers(layer, node)
 
 
-def materialize(adapted: PyTree) -> PyTree:
+def materialize(adapted: PyTree, rank: int | None = None) -> PyTree:
     """Plain kernels again: each node becomes ``W'`` in the layout and dtype of the kernel
-    it replaced (``full`` nodes their trained array)."""
+    it replaced (``full`` nodes their trained array).
+
+    ``rank``: the rank to keep in the nodes that have an evaluation rank (DyLoRA, trained
+    for every rank up to its ``r``); other nodes materialize as usual. See :func:`with_rank`
+    for the errors (a rank above a node's ``r``, a tree without such a node)."""
+    if rank is not None:
+        adapted = with_rank(adapted, rank)
     return jax.tree_util.tree_map(lambda x: materialize_node(x) if is_node(x) else x, adapted, is_leaf=is_node)
 
 
@@ -526,8 +593,15 @@ def count_params(adapted: PyTree) -> dict:
 
 
 def uses_dropout(kernel: Any) -> bool:
-    """Whether ``kernel`` is a node whose method applies dropout in training."""
-    return is_node(kernel) and getattr(kernel.config, "dropout", 0) > 0
+    """Whether ``kernel`` is a node that uses a key in training: its method's dropout
+    (a ``dropout`` above 0) or another random draw per step (:attr:`Method.uses_key`:
+    DyLoRA's rank). Models pass a ``dropout_key`` to exactly these nodes."""
+    if not is_node(kernel):
+        return False
+    spec = methods.get(kernel.method)
+    if spec is not None and spec.uses_key is not None:
+        return bool(spec.uses_key(kernel.config))
+    return getattr(kernel.config, "dropout", 0) > 0
 
 
 def linear(x: Array, kernel: Array | Node, *, dropout_key: Array | None = None, path: str = "auto") -> Array:
@@ -536,7 +610,8 @@ def linear(x: Array, kernel: Array | Node, *, dropout_key: Array | None = None, 
     For a node, ``path="auto"`` asks the method's cost model (``Method.flops``) whether
     the factored or the materialized form is cheaper for ``x``'s number of rows;
     ``"factored"`` and ``"materialized"`` force one. ``dropout_key`` enables the method's
-    training-time dropout (factored path only).
+    training-time randomness (dropout, DyLoRA's rank draw; factored path only, which
+    ``"auto"`` then takes).
     """
     if not is_node(kernel):
         return x @ kernel.astype(x.dtype)

@@ -42,6 +42,20 @@ class Method(NamedTuple):
         singular values) to check the base they are loaded onto, and loading rebuilds
         them. ``None`` (RHOFT, whose randomized SVD depends on the key): the frozen
         arrays other than ``kernel`` are stored in the adapter.
+      shared: ``(key, layers, config) -> shared``, for a method whose targets share
+        arrays (VeRA's random projections): called once per ``jpeft.apply``, with
+        ``fold_in(key, SHARED_KEY)`` of the apply key and ``layers``, one
+        ``jax.ShapeDtypeStruct`` per target with its layer's (in, out) matrix shape and
+        the kernel's dtype; ``init`` then takes the result as a fourth argument,
+        ``init(key, kernel, config, shared)``, for every layer, and may put its arrays
+        (the same objects) in several nodes. ``None``: ``init`` takes three arguments.
+      uses_key: ``config -> bool``, whether a node needs a key in training (the
+        ``dropout_key`` of ``factored``), e.g. DyLoRA's per-step rank draw; ``None``:
+        when its config has a ``dropout`` above 0. Models pass a key only to such nodes
+        (:func:`jpeft.core.uses_dropout`), and ``jpeft.linear`` then takes the factored path.
+      with_rank: ``(config, rank) -> config``, for a method with an evaluation rank
+        (DyLoRA): the config evaluating at ``rank`` (ValueError if it does not fit);
+        ``jpeft.materialize(tree, rank=...)`` and :func:`jpeft.core.with_rank` use it.
 
     A frozen entry named ``kernel`` must be the base kernel itself: ``jpeft.apply``
     stores the model's own array there (any layout, a whole stack, never a copy).
@@ -54,6 +68,14 @@ class Method(NamedTuple):
     flops: Callable[[Node, int], tuple[float, float]]
     scope: str = "kernel"
     frozen_from_base: Callable[[Array, Any], dict] | None = None
+    shared: Callable[[Array, list, Any], Any] | None = None
+    uses_key: Callable[[Any], bool] | None = None
+    with_rank: Callable[[Any, int], Any] | None = None
+
+
+#: What ``jpeft.apply`` folds into its key for :attr:`Method.shared` (target ``i`` gets
+#: ``fold_in(key, i)``; no model has 2**32 - 1 targets).
+SHARED_KEY = 2**32 - 1
 
 
 def base_kernel(kernel: Array, config: Any) -> dict:
