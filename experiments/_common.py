@@ -23,8 +23,20 @@ def rank_hparams(method: str, r: int, dim: int = 2048) -> dict:
         return {"block_size": min(pow2(4 * r), dim)}
     if method == "boft":  # d·b + d ≈ 2dr  ->  b ≈ 2r
         return {"block_size": min(pow2(2 * r), dim)}
-    if method in ("shoft", "rhoft"):
+    if method in ("shoft", "rhoft", "hoft"):
         return {"r_u": r, "r_v": r}
+    if method in ("hra", "loraxs", "mora"):  # MoRA's r is LoRA's budget by design
+        return {"r": r}
+    if method in ("loha", "sbora", "dylora"):
+        return {"r": r, "alpha": 2.0 * r}
+    if method == "adalora":  # starts at 1.5 r and prunes to r, as the paper's 12 -> 8
+        return {"r": r + r // 2, "target_r": r}
+    if method == "vera":  # the paper's r=256 at LoRA r=16: VeRA's rank is large by design
+        return {"r": min(16 * r, dim)}
+    if method == "svft":  # banded d: about (2d + 1)·dim entries, LoRA r trains 2·r·dim
+        return {"pattern": "banded", "d": r}
+    if method in ("ia3", "bitfit"):  # nothing to size: the same run at every rank
+        return {}
     raise ValueError(f"no rank mapping for {method!r}")
 
 

@@ -315,7 +315,9 @@ def run_jpeft(cfg: BenchConfig, method: str, route: str = "jpeft") -> dict:
 
 
 #: Methods HF PEFT also has; its HRA is also timed as the Householder baseline of shoft/rhoft.
-PEFT_METHODS = ("lora", "dora", "lokr", "oft", "boft", "hra")
+PEFT_METHODS = ("lora", "dora", "lokr", "oft", "boft", "hra", "loha", "ia3", "vera", "adalora")
+#: jpeft's LoRA init -> PEFT's ``init_lora_weights``
+PEFT_LORA_INIT = {"gaussian": "gaussian", "kaiming": True, "pissa": "pissa", "olora": "olora"}
 
 
 def peft_config(method: str, hparams: dict, target_modules: list[str]):
@@ -327,7 +329,7 @@ def peft_config(method: str, hparams: dict, target_modules: list[str]):
     c = core.make_config(method, **hparams)
     if method in ("lora", "dora"):
         return peft.LoraConfig(r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout, use_dora=method == "dora",
-                               init_lora_weights="gaussian" if c.init == "gaussian" else True, target_modules=target_modules)
+                               init_lora_weights=PEFT_LORA_INIT[c.init], use_rslora=c.rslora, target_modules=target_modules)
     if method == "lokr":
         return peft.LoKrConfig(r=c.r, alpha=c.alpha, decompose_factor=c.factor, target_modules=target_modules)
     if method == "oft":  # PEFT rotates inputs (jpeft's side="in"); same cost either side
@@ -337,6 +339,15 @@ def peft_config(method: str, hparams: dict, target_modules: list[str]):
         return peft.HRAConfig(r=c.r, target_modules=target_modules)
     if method == "boft":
         return peft.BOFTConfig(boft_block_size=c.block_size, boft_n_butterfly_factor=c.n_butterfly, target_modules=target_modules)
+    if method == "loha":
+        return peft.LoHaConfig(r=c.r, alpha=c.alpha, target_modules=target_modules)
+    if method == "ia3":
+        return peft.IA3Config(target_modules=target_modules, feedforward_modules=target_modules if c.feedforward else [])
+    if method == "vera":
+        return peft.VeraConfig(r=c.r, d_initial=c.d_init, vera_dropout=c.dropout, target_modules=target_modules)
+    if method == "adalora":  # the step alone: the rank budget schedule runs between steps
+        return peft.AdaLoraConfig(init_r=c.r, target_r=c.target_r, lora_alpha=c.alpha, lora_dropout=c.dropout,
+                                  orth_reg_weight=c.orth_reg_weight, total_step=c.total_step or 1000, target_modules=target_modules)
     raise ValueError(f"HF PEFT has no counterpart of {method!r}; it has {PEFT_METHODS}")
 
 

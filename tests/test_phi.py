@@ -219,7 +219,9 @@ def test_named_configs_and_phi15_count_without_allocation():
 
 
 HPARAMS = {"lora": dict(r=4), "dora": dict(r=4), "lokr": dict(r=2), "oft": dict(block_size=8),
-           "boft": dict(block_size=4, n_butterfly=2), "shoft": dict(r_u=3, r_v=3), "rhoft": dict(k=12, r_u=3, r_v=3), "hra": dict(r=3)}
+           "boft": dict(block_size=4, n_butterfly=2), "shoft": dict(r_u=3, r_v=3), "rhoft": dict(k=12, r_u=3, r_v=3), "hra": dict(r=3),
+           # at r=4 MoRA's r̂ is 17 of 40 inputs and LoHa's rank r² 16: materializing is cheaper there
+           "mora": dict(r=1), "loha": dict(r=2, alpha=4.0)}
 
 
 @pytest.fixture(scope="module")
