@@ -25,9 +25,9 @@ factored paths there. The result is an ordinary JAX function: it composes with `
 ``grad``, ``vmap`` around it. Nothing global is patched; the mechanism is the
 interpreter pattern of ``jax.core.eval_jaxpr`` (as ``quax`` uses for implicit arrays).
 
-Dropout: with ``dropout_key`` the methods that have dropout (LoRA, DoRA) apply it, node
-``j`` (in argument order) with ``fold_in(dropout_key, j)`` and each layer of a stack with
-its own key; without a key they run in evaluation mode.
+Training key: with ``dropout_key`` the methods that use one in training (dropout; DyLoRA's
+rank draw) get it, node ``j`` (in argument order) with ``fold_in(dropout_key, j)`` and each
+layer of a stack with its own key; without a key they run in evaluation mode.
 """
 
 from __future__ import annotations
@@ -78,8 +78,8 @@ def wrap(fn: Callable, *, dropout_key: Array | None = None) -> Callable:
       fn: any function of arrays (and static Python values): ``model.apply`` of an
         unmodified linen model, ``lambda state, x: nnx.merge(graphdef, state)(x)``, a
         plain function over dicts of arrays.
-      dropout_key: enables the dropout of methods that have it (a distinct key per node
-        and per layer); ``None`` is evaluation mode.
+      dropout_key: the training key of methods that use one (dropout, DyLoRA's rank draw;
+        a distinct key per node and per layer); ``None`` is evaluation mode.
 
     Returns:
       A function with ``fn``'s signature and results. Array arguments (``jax.Array``,
