@@ -5,16 +5,19 @@
   directories, the last ``keep`` kept), so a run stopped at any point resumes from its
   last checkpoint and continues the same loss trajectory.
 * :func:`save_adapter` / :func:`load_adapter` write and read an adapter alone
-  (safetensors, float32) plus a JSON description per target (method, hyper-parameters,
-  matrix shape, kernel shape and layout, dtype). An adapter holds the trainable arrays
-  and only the frozen arrays the base cannot rebuild. A method with a
-  ``frozen_from_base`` (:class:`jpeft.methods.base.Method`) gets its frozen arrays back
-  from the base kernel on loading, so its adapter stores none of them but their vectors:
-  never the base kernel (LoRA, DoRA, LoKr, OFT, BOFT, HRA), and for SHOFT not ``u``,
-  ``v`` (twice a square base) but the base's singular values, which loading compares
-  with the rebuilt ones to refuse an adapter loaded onto another base. RHOFT's frozen
-  ``u``, ``v`` come from a randomized SVD that depends on the key, so they are stored
-  (as many numbers as the base at the default rank).
+  (safetensors, float32; integer arrays in their own dtype) plus a JSON description per
+  target (method, hyper-parameters, matrix shape, kernel shape and layout, dtype). An
+  adapter holds the trainable arrays and only the frozen arrays the base cannot rebuild.
+  A method with a ``frozen_from_base`` (:class:`jpeft.methods.base.Method`) gets its
+  frozen arrays back from the base kernel on loading, so its adapter stores none of them
+  but their vectors: never the base kernel (LoRA, DoRA, LoKr, OFT, BOFT, HRA), and for
+  SHOFT (and SVFT, LoRA-XS) not ``u``, ``v`` (twice a square base) but the base's singular
+  values, which loading compares with the rebuilt ones to refuse an adapter loaded onto
+  another base. Vectors ``frozen_from_base`` does not produce are stored and loaded as
+  they are: SVFT's key-drawn (``random``) or trained-on (``top_k``) coefficient positions,
+  integer arrays restored exactly. RHOFT's frozen ``u``, ``v`` come from a randomized SVD
+  that depends on the key, so they are stored (as many numbers as the base at the default
+  rank).
 * Dtypes follow the base an adapter is loaded onto: a node takes the dtype of the kernel
   it replaces, and so do the frozen arrays that were in the kernel's dtype when saved,
   so an adapter trained on a float32 base and loaded onto the bf16 model materializes
@@ -139,18 +142,13 @@ def _stored_frozen(node: Node) -> dict[str, Any]:
 
 def _rebuilt_frozen(path: str, d: dict, spec, config, base, layout: str, stored: dict) -> dict:
     """The frozen arrays (but the base ``kernel``) that ``spec.frozen_from_base`` rebuilds
-    from ``base``, layer by layer, after checking the stored vectors against them.
+    from ``base``, layer by layer, after checking the stored vectors among them against them
+    (stored vectors it does not rebuild are the caller's, loaded as stored).
 
     The names come from an abstract evaluation first, so a method that keeps only the
     base kernel (LoRA) computes and copies nothing here."""
     shape = tuple(d["shape"])
     names = set(jax.eval_shape(lambda k: spec.frozen_from_base(k, config), jax.ShapeDtypeStruct(shape, base.dtype))) - {"kernel"}
-    unknown = sorted(set(stored) - names)
-    if unknown:
-        raise ValueError(
-            f"adapter target {path!r} stores frozen arrays {unknown} that {d['method']} does not rebuild "
-            f"from the base (it rebuilds {sorted(names)}): the adapter does not match this version of the method"
-        )
     if not names:
         return {}
     rebuilt = core.per_layer(
@@ -158,7 +156,7 @@ def _rebuilt_frozen(path: str, d: dict, spec, config, base, layout: str, stored:
     )
     depth = len(layout) - len(layout.lstrip("s"))
     rtol = _base_check_rtol(base.dtype, d["dtype"])
-    for name, saved in stored.items():
+    for name, saved in ((k, v) for k, v in stored.items() if k in names):
         err = _relative_mismatch(saved, rebuilt[name], depth)
         if not err <= rtol:
             raise ValueError(
@@ -196,7 +194,8 @@ def save_adapter(directory: str | os.PathLike, adapted: PyTree) -> None:
         for name, x in node.trainable.items():
             tensors[f"{path}::trainable::{name}"] = np.asarray(x, np.float32)
         for name, x in _stored_frozen(node).items():
-            tensors[f"{path}::frozen::{name}"] = np.asarray(jnp.asarray(x, jnp.float32))
+            keep = jnp.issubdtype(x.dtype, jnp.integer)  # index patterns round-trip exactly
+            tensors[f"{path}::frozen::{name}"] = np.asarray(x if keep else jnp.asarray(x, jnp.float32))
     save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS))
     with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
         json.dump({p: _describe(n) for p, n in nodes.items()}, f, indent=2)
@@ -224,12 +223,14 @@ def load_adapter(directory: str | os.PathLike, params: PyTree) -> PyTree:
         depth = len(layout) - len(layout.lstrip("s"))
         saved = lambda kind: {k.rsplit("::", 1)[1]: jnp.asarray(v) for k, v in tensors.items() if k.startswith(f"{path}::{kind}::")}
         trainable, stored = saved("trainable"), saved("frozen")
+        in_kernel_dtype = set(d.get("frozen_in_kernel_dtype", ()))
+        as_stored = {k: v.astype(dtype if k in in_kernel_dtype else d["frozen"][k]) for k, v in stored.items()}
         # an adapter written before SHOFT's u, v were rebuilt stores them: use them as stored
         if spec.frozen_from_base is not None and all(x.ndim - depth <= 1 for x in stored.values()):
-            frozen = _rebuilt_frozen(path, d, spec, config, base, layout, stored)
+            rebuilt = _rebuilt_frozen(path, d, spec, config, base, layout, stored)
+            frozen = {**{k: v for k, v in as_stored.items() if k not in rebuilt}, **rebuilt}
         else:
-            in_kernel_dtype = set(d.get("frozen_in_kernel_dtype", ()))
-            frozen = {k: v.astype(dtype if k in in_kernel_dtype else d["frozen"][k]) for k, v in stored.items()}
+            frozen = as_stored
         if d["uses_base_kernel"]:
             frozen = {"kernel": base, **frozen}
         return Node(method=d["method"], config=config, shape=tuple(d["shape"]), dtype=dtype, trainable=trainable,

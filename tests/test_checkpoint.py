@@ -70,6 +70,32 @@ def test_shoft_adapter_is_smaller_than_its_base(base, tmp_path):
         checkpoint.load_adapter(tmp_path, another)
 
 
+@pytest.mark.parametrize("pattern", ["banded", "random"])
+def test_svft_adapter_stores_key_drawn_positions_exactly(base, tmp_path, pattern):
+    """SVFT stores its coefficients and singular values (u, v are rebuilt); the random
+    pattern's key-drawn positions too, as int32, and gets them back exactly (banded
+    positions follow from p and d). Layer l of a stack draws its own positions."""
+    targets, hp = r"(mlp|stack)/kernel", dict(pattern=pattern, d=2)
+    adapted = perturb(jpeft.apply(base, "svft", key=jax.random.key(1), targets=targets, layout=LAYOUT, **hp), jax.random.key(2))
+    checkpoint.save_adapter(tmp_path, adapted)
+    stored = load_file(os.path.join(tmp_path, checkpoint.ADAPTER_WEIGHTS))
+    positions = ("rows", "cols") if pattern == "random" else ()
+    for path in ("mlp/kernel", "stack/kernel"):
+        assert {k.split("::", 1)[1] for k in stored if k.startswith(path)} == (
+            {"trainable::m", "frozen::sigma0"} | {f"frozen::{k}" for k in positions})
+    restored = checkpoint.load_adapter(tmp_path, base)
+    for name in positions:
+        saved = stored[f"stack/kernel::frozen::{name}"]
+        assert saved.dtype == np.int32 and saved.shape == (3, 154) and not np.array_equal(saved[0], saved[1])
+        for path in ("mlp", "stack"):
+            node = restored[path]["kernel"]
+            assert node.frozen[name].dtype == jnp.int32
+            np.testing.assert_array_equal(node.frozen[name], adapted[path]["kernel"].frozen[name])
+    for path in ("mlp", "stack"):
+        merged = jpeft.materialize(restored)[path]["kernel"]
+        assert rel_err(merged, jpeft.materialize(adapted)[path]["kernel"]) < 1e-6
+
+
 @pytest.mark.parametrize("method,hp", [("lora", dict(r=4)), ("dora", dict(r=4)), ("lokr", dict(r=2)),
                                        ("oft", dict(block_size=8)), ("boft", dict(block_size=4, n_butterfly=2)),
                                        ("hra", dict(r=4))])
