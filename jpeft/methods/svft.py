@@ -18,7 +18,8 @@ as-many largest ``|u_iᵀ v_j|`` (square kernels only: ``u_i`` and ``v_j`` must 
 The official code differs in three ways this module does not follow: it starts ``M`` at
 a kaiming-normal draw scaled by a trainable ``sigmoid(gate)`` (here ``M = 0``, so ``W' = W``
 at init, up to the float32 rounding of the SVD), its random positions may repeat, and its
-top-k ranks signed entries of ``U Vh``; here the paper's ``|u_iᵀ v_j|``. HF PEFT has no SVFT.
+top-k ranks the signed entries of ``U Vhᵀ`` (not ``Uᵀ V``); here the paper's
+``|u_iᵀ v_j|``. HF PEFT has no SVFT.
 
 Arrays: trainable ``m`` (nnz,) float32 in the pattern's order; frozen ``u`` (out × p),
 ``v`` (in × p), ``sigma0`` (p) in the kernel's dtype, from the float64 host SVD
