@@ -94,13 +94,25 @@ class TrainState(NamedTuple):
     trainable: PyTree
     opt_state: PyTree
     rng: Array  # raw uint32 key data, so checkpoints store plain arrays
+    hooks: PyTree = ()  # {method: state} of the methods with training hooks (AdaLoRA's importance)
 
 
-def init_state(trainable: PyTree, tx: optax.GradientTransformation, seed: int) -> TrainState:
+def method_hooks(adapted: PyTree) -> dict[str, Any]:
+    """``{method name: hooks}`` for the methods of ``adapted``'s nodes that have training
+    hooks (a ``training`` attribute on their :class:`jpeft.methods.base.Method`, such as
+    AdaLoRA's rank budget; see :class:`jpeft.methods.adalora.Training`)."""
+    names = sorted({x.method for x in jax.tree_util.tree_leaves(adapted, is_leaf=core.is_node) if core.is_node(x)})
+    hooks = {name: getattr(core.get_method(name), "training", None) for name in names}
+    return {name: h for name, h in hooks.items() if h is not None}
+
+
+def init_state(trainable: PyTree, tx: optax.GradientTransformation, seed: int, hooks: dict | None = None) -> TrainState:
     """Step 0. The trainables are copied: the train step donates its state, and the
-    caller's arrays must survive it."""
+    caller's arrays must survive it. ``hooks`` (:func:`method_hooks`) add their states."""
     trainable = jax.tree_util.tree_map(lambda x: x.copy(), trainable)
-    return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable), jax.random.key_data(jax.random.key(seed)))
+    hook_states = {name: h.init(trainable) for name, h in (hooks or {}).items()}
+    return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable), jax.random.key_data(jax.random.key(seed)),
+                      hook_states)
 
 
 def target_logprobs(logits: Array, targets: Array) -> Array:
@@ -148,13 +160,24 @@ def random_lm_batch(key: Array, batch_size: int, seq_len: int, vocab_size: int) 
             "loss_mask": jnp.ones(ids.shape, jnp.float32)}
 
 
-def make_train_step(loss: Callable, tx: optax.GradientTransformation, grad_accum: int) -> Callable:
+def make_train_step(loss: Callable, tx: optax.GradientTransformation, grad_accum: int,
+                    hooks: dict | None = None) -> Callable:
     """A jitted ``step(state, frozen, batch) -> (state, metrics)``.
 
     ``batch`` arrays have a leading ``batch_size`` axis that is split into ``grad_accum``
     micro-batches; gradients are summed over micro-batches and divided by the number of
     answer tokens of the whole batch, so the update does not depend on ``grad_accum``.
+
+    ``hooks`` (:func:`method_hooks`), inside the same jitted step: each one's regularizer
+    is added to the token-mean loss once per step (its gradient to the gradients, logged
+    as ``regularizer``), and after the optimizer update each one's ``after_step`` sees the
+    new trainables and the gradients (AdaLoRA prunes ranks there); ``state.hooks`` carries
+    their states.
     """
+    hooks = dict(hooks or {})
+
+    def regularizer(trainable):
+        return sum((h.regularizer(trainable) for h in hooks.values()), jnp.zeros((), jnp.float32))
 
     def step(state: TrainState, frozen: PyTree, batch: dict) -> tuple[TrainState, dict]:
         base_key = jax.random.wrap_key_data(state.rng)
@@ -177,10 +200,19 @@ def make_train_step(loss: Callable, tx: optax.GradientTransformation, grad_accum
         )
         denom = jnp.maximum(tokens, 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+        metrics = {}
+        if hooks:
+            reg, reg_grads = jax.value_and_grad(regularizer)(state.trainable)
+            grads = jax.tree_util.tree_map(jnp.add, grads, reg_grads)
+            metrics["regularizer"] = reg
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        metrics = {"loss": nll / denom, "tokens": tokens, "grad_norm": optax.global_norm(grads)}
-        return TrainState(state.step + 1, trainable, opt_state, state.rng), metrics
+        hook_states = dict(state.hooks)
+        for name, h in hooks.items():
+            trainable, hook_states[name] = h.after_step(state.hooks[name], trainable, grads, state.step + 1)
+            metrics.update({f"{name}_{k}": v for k, v in h.metrics(hook_states[name], trainable).items()})
+        metrics = {"loss": nll / denom, "tokens": tokens, "grad_norm": optax.global_norm(grads), **metrics}
+        return TrainState(state.step + 1, trainable, opt_state, state.rng, hook_states if hooks else state.hooks), metrics
 
     return jax.jit(step, donate_argnums=(0,))
 
@@ -237,7 +269,10 @@ def fit(
     schedule covers ``max_steps`` (default ``epochs × steps_per_epoch``) and the data
     stream is positioned by (epoch, batch), so a resumed run continues the exact
     trajectory. ``stop_at`` ends the run early (after checkpointing) at that step. A
-    crash or Ctrl-C checkpoints the last completed step before re-raising. Logs go to
+    crash or Ctrl-C checkpoints the last completed step before re-raising. Methods with
+    training hooks (:func:`method_hooks`; AdaLoRA's regularizer and rank budget) run them in
+    the jitted step, their state checkpointed with the run, after filling in what depends on
+    the run (AdaLoRA's ``total_step``: the schedule's steps, unless given). Logs go to
     ``run_dir/log.jsonl``; the final adapter to ``run_dir/adapter``.
     Returns the trained adapted tree and the logged records.
     """
@@ -247,15 +282,20 @@ def fit(
         raise ValueError(f"{len(encoded)} training sequences do not fill one batch of {config.batch_size}")
     total = max_steps or config.epochs * per_epoch
     mesh = mesh or data_mesh()
+    hooks = method_hooks(adapted)
+    for h in hooks.values():  # run-dependent hyper-parameters (AdaLoRA's total_step)
+        adapted = h.prepare(adapted, total)
     trainable, frozen = core.partition(adapted)
     frozen = replicate(frozen, mesh)
     tx = optimizer(config, total)
-    state = init_state(replicate(trainable, mesh), tx, config.seed)
+    # every leaf committed to the mesh (the step counter, the RNG and optax's counts too): the
+    # step's outputs are, and inputs placed otherwise would compile the step a second time
+    state = replicate(init_state(replicate(trainable, mesh), tx, config.seed, hooks), mesh)
     saver = checkpoint.Checkpointer(os.path.join(run_dir, "checkpoints"))
     if saver.latest_step() is not None:
         state, _ = saver.restore(state)
         state = replicate(state, mesh)
-    step_fn = make_train_step(lm_loss_fn(model), tx, config.grad_accum)
+    step_fn = make_train_step(lm_loss_fn(model), tx, config.grad_accum, hooks)
     end = min(total, stop_at) if stop_at is not None else total
     start = int(state.step)
     records: list[dict] = []
