@@ -17,10 +17,20 @@ SMALL_HPARAMS = {
     "shoft": dict(r_u=3, r_v=4),
     "rhoft": dict(r_u=4, r_v=3, k=16),
     "hra": dict(r=5),  # odd: ends with a zero (identity) reflection
+    "loha": dict(r=4, alpha=8.0),
+    "ia3": dict(),
+    "vera": dict(r=8, d_init=0.1),
+    "dylora": dict(r=4, alpha=8.0),
+    "adalora": dict(r=4, target_r=2, alpha=8.0, dropout=0.0),
+    "mora": dict(r=4),  # r̂ 16 on 32x32, 19 (odd, padded, repeated/truncated) on fc1/fc2
+    "sbora": dict(r=4, alpha=8.0),
+    "hoft": dict(r_u=3, r_v=4, scaled=True),
+    "svft": dict(pattern="banded", d=2),  # p = 32 on every kernel: 154 entries, 4 blocks of 8
+    "loraxs": dict(r=4),
 }
 METHODS = list(SMALL_HPARAMS)
 # methods whose paper does not start at the original weights (each pins its own bound elsewhere)
-NOT_IDENTITY_AT_INIT = {"rhoft"}
+NOT_IDENTITY_AT_INIT = {"rhoft", "loraxs"}
 
 
 def decaying_matrix(key, shape, decay=0.9, dtype=jnp.float32):

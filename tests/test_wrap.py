@@ -21,8 +21,18 @@ WRAP_HPARAMS = {
     "shoft": dict(r_u=3, r_v=2),
     "rhoft": dict(r_u=2, r_v=3, k=8),
     "hra": dict(r=3),
+    "loha": dict(r=2, alpha=4.0),
+    "ia3": dict(),
+    "vera": dict(r=4),
+    "dylora": dict(r=4, alpha=8.0),
+    "adalora": dict(r=4, target_r=2, alpha=8.0, dropout=0.0),
+    "mora": dict(r=2),
+    "sbora": dict(r=2, alpha=4.0),
+    "hoft": dict(r_u=3, r_v=2, scaled=True),
+    "svft": dict(pattern="banded", d=1),
+    "loraxs": dict(r=3),
 }
-assert set(WRAP_HPARAMS) == set(METHODS)
+assert set(METHODS) <= set(WRAP_HPARAMS)
 # every case for two methods (one keeps the base kernel, one replaces it by an SVD); the
 # others on the stacked and the multi-axis layouts, where a method's own arrays matter
 ALL_CASES_FOR = ("lora", "shoft")
