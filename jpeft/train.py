@@ -99,10 +99,10 @@ class TrainState(NamedTuple):
 
 def method_hooks(adapted: PyTree) -> dict[str, Any]:
     """``{method name: hooks}`` for the methods of ``adapted``'s nodes that have training
-    hooks (a ``training`` attribute on their :class:`jpeft.methods.base.Method`, such as
-    AdaLoRA's rank budget; see :class:`jpeft.methods.adalora.Training`)."""
+    hooks (:attr:`jpeft.methods.base.Method.training`, :class:`jpeft.methods.base.Training`:
+    AdaLoRA's regularizer and rank budget)."""
     names = sorted({x.method for x in jax.tree_util.tree_leaves(adapted, is_leaf=core.is_node) if core.is_node(x)})
-    hooks = {name: getattr(core.get_method(name), "training", None) for name in names}
+    hooks = {name: core.get_method(name).training for name in names}
     return {name: h for name, h in hooks.items() if h is not None}
 
 

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -354,32 +354,7 @@ def metrics(state: dict, trainable: PyTree) -> dict[str, Array]:
     return {"budget": state["budget"], "rank": rank}
 
 
-class Training(NamedTuple):
-    """Training hooks of a method that needs more than the gradient step (``jpeft.train``):
+TRAINING = base.Training(prepare, init_state, regularizer, after_step, metrics)
 
-    prepare: ``(adapted, total_steps) -> adapted``, run-dependent hyper-parameters filled in;
-    init: ``trainable -> state``, an explicit pytree of arrays, checkpointed with the run;
-    regularizer: ``trainable -> scalar`` added to the (token-mean) loss of every step;
-    after_step: ``(state, trainable, grads, step) -> (trainable, state)`` after the optimizer
-      update of step ``step`` (1-based), with that step's gradients (regularizer included);
-    metrics: ``(state, trainable) -> {name: scalar}`` logged as ``<method>_<name>``.
-    """
-
-    prepare: Callable[[PyTree, int], PyTree]
-    init: Callable[[PyTree], PyTree]
-    regularizer: Callable[[PyTree], Array]
-    after_step: Callable[[PyTree, PyTree, PyTree, Array], tuple[PyTree, PyTree]]
-    metrics: Callable[[PyTree, PyTree], dict]
-
-
-TRAINING = Training(prepare, init_state, regularizer, after_step, metrics)
-
-
-class _Method(base.Method):
-    """:class:`base.Method` plus ``training``, the hooks ``jpeft.train`` looks for."""
-
-    __slots__ = ()
-    training = TRAINING
-
-
-METHOD = _Method(AdaloraConfig, init, materialize, factored, flops, frozen_from_base=base.base_kernel)
+METHOD = base.Method(AdaloraConfig, init, materialize, factored, flops, frozen_from_base=base.base_kernel,
+                     training=TRAINING)

@@ -35,13 +35,14 @@ class Method(NamedTuple):
         training step (forward + backward) of the layer on ``tokens`` rows.
       scope: ``"kernel"`` (the targeted kernels become nodes) or ``"bias"`` (the
         targeted layers' biases become fully trainable and their kernels stay plain: BitFit).
-      frozen_from_base: ``(kernel, config) -> frozen``, the frozen dict ``init`` gives,
-        when every frozen array can be recomputed from the base kernel alone (no key):
-        :func:`base_kernel` for methods that keep just the base, SHOFT's float64 SVD.
-        Adapter exports then store none of these arrays, only their vectors (SHOFT's
-        singular values) to check the base they are loaded onto, and loading rebuilds
-        them. ``None`` (RHOFT, whose randomized SVD depends on the key): the frozen
-        arrays other than ``kernel`` are stored in the adapter.
+      frozen_from_base: ``(kernel, config) -> frozen``, the frozen arrays of ``init``
+        that can be recomputed from the base kernel alone (no key): :func:`base_kernel`
+        for methods that keep just the base, SHOFT's and SVFT's float64 SVD. Adapter
+        exports then store none of these arrays, only their vectors (singular values) to
+        check the base they are loaded onto, and loading rebuilds them; frozen vectors it
+        does not give (SVFT's key-drawn positions) are stored. ``None`` (RHOFT, whose
+        randomized SVD depends on the key): the frozen arrays other than ``kernel`` are
+        stored in the adapter.
       shared: ``(key, layers, config) -> shared``, for a method whose targets share
         arrays (VeRA's random projections): called once per ``jpeft.apply``, with
         ``fold_in(key, SHARED_KEY)`` of the apply key and ``layers``, one
@@ -56,6 +57,8 @@ class Method(NamedTuple):
       with_rank: ``(config, rank) -> config``, for a method with an evaluation rank
         (DyLoRA): the config evaluating at ``rank`` (ValueError if it does not fit);
         ``jpeft.materialize(tree, rank=...)`` and :func:`jpeft.core.with_rank` use it.
+      training: :class:`Training` hooks for a method that needs more than the gradient
+        step (AdaLoRA's regularizer and rank budget); ``jpeft.train`` runs them.
 
     A frozen entry named ``kernel`` must be the base kernel itself: ``jpeft.apply``
     stores the model's own array there (any layout, a whole stack, never a copy).
@@ -71,6 +74,25 @@ class Method(NamedTuple):
     shared: Callable[[Array, list, Any], Any] | None = None
     uses_key: Callable[[Any], bool] | None = None
     with_rank: Callable[[Any, int], Any] | None = None
+    training: "Training | None" = None
+
+
+class Training(NamedTuple):
+    """Training hooks of a method that needs more than the gradient step (``jpeft.train``):
+
+    prepare: ``(adapted, total_steps) -> adapted``, run-dependent hyper-parameters filled in;
+    init: ``trainable -> state``, an explicit pytree of arrays, checkpointed with the run;
+    regularizer: ``trainable -> scalar`` added to the (token-mean) loss of every step;
+    after_step: ``(state, trainable, grads, step) -> (trainable, state)`` after the optimizer
+      update of step ``step`` (1-based), with that step's gradients (regularizer included);
+    metrics: ``(state, trainable) -> {name: scalar}`` logged as ``<method>_<name>``.
+    """
+
+    prepare: Callable[[Any, int], Any]
+    init: Callable[[Any], Any]
+    regularizer: Callable[[Any], Array]
+    after_step: Callable[[Any, Any, Any, Array], tuple[Any, Any]]
+    metrics: Callable[[Any, Any], dict]
 
 
 #: What ``jpeft.apply`` folds into its key for :attr:`Method.shared` (target ``i`` gets
