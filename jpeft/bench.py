@@ -273,14 +273,23 @@ def run_jpeft(cfg: BenchConfig, method: str, route: str = "jpeft") -> dict:
     ``route`` ``jpeft``: the Phi port; one of :data:`FLAX_ROUTES`: the stock-flax decoder."""
     import jax
 
+    import jpeft
     from jpeft import train
 
     loss, trainable, frozen, n_trainable, config = _phi_step(cfg, method) if route == "jpeft" else _flax_step(cfg, route, method)
-    tx = train.optimizer(train.TrainConfig(batch_size=cfg.batch, warmup_steps=10, compute_dtype=cfg.compute_dtype), 1000)
-    make_state = lambda trainable: train.init_state(trainable, tx, 0)  # noqa: E731
+    total = 1000  # the optimizer's (and AdaLoRA's budget schedule's) length
+    tx = train.optimizer(train.TrainConfig(batch_size=cfg.batch, warmup_steps=10, compute_dtype=cfg.compute_dtype), total)
+    # methods with training hooks (AdaLoRA's regularizer and rank budget) run them in the step, as jpeft.train does
+    hooks = train.method_hooks(jpeft.combine(trainable, frozen)) if route in ("jpeft", "wrap", "materialize") else {}
+    if hooks:
+        adapted = jpeft.combine(trainable, frozen)
+        for h in hooks.values():
+            adapted = h.prepare(adapted, total)
+        trainable, frozen = jpeft.partition(adapted)
+    make_state = lambda trainable: train.init_state(trainable, tx, 0, hooks)  # noqa: E731
     state = jax.eval_shape(make_state, trainable) if cfg.compile_only else make_state(trainable)
     batch = train.random_lm_batch(jax.random.key(2), cfg.batch, cfg.seq_len, config.vocab_size)
-    step = train.make_train_step(loss, tx, 1)
+    step = train.make_train_step(loss, tx, 1, hooks)
     start = time.perf_counter()
     compiled = step.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - start
