@@ -142,11 +142,7 @@ def factored(x: Array, node: Node, dropout_key: Array | None = None) -> Array:
 
 
 def flops(node: Node, tokens: int) -> tuple[float, float]:
-    n, m = node.shape
-    r = node.config.r
-    adapter = 6.0 * tokens * r * (n + m)
-    rebuild = 3 * 2.0 * n * r * m
-    return base.frozen_step_flops(node, tokens) + adapter, base.dense_step_flops(node, tokens) + rebuild
+    return base.low_rank_flops(node, tokens, node.config.r)
 
 
 # ------------------------------------------------------- regularizer and rank budget

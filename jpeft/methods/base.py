@@ -147,6 +147,17 @@ def dense_step_flops(node: Node, tokens: int) -> float:
     return 6.0 * tokens * n * m
 
 
+def low_rank_flops(node: Node, tokens: int, r: int) -> tuple[float, float]:
+    """``(factored, materialized)`` step FLOP of a frozen kernel plus a rank-``r`` update
+    ``s·(x a) b`` (LoRA and its variants): the adapter's forward and two backward products
+    ``6·T·r·(in + out)``, against the dense step plus the rebuild ``a b`` and its two
+    backward products ``6·in·r·out``."""
+    n, m = node.shape
+    adapter = 6.0 * tokens * r * (n + m)
+    rebuild = 3 * 2.0 * n * r * m
+    return frozen_step_flops(node, tokens) + adapter, dense_step_flops(node, tokens) + rebuild
+
+
 def frozen_step_flops(node: Node, tokens: int) -> float:
     """FLOP of ``x @ W`` with a frozen ``W``: forward and backward to activations only."""
     n, m = node.shape

@@ -135,11 +135,7 @@ def factored(x: jax.Array, node: Node, dropout_key: jax.Array | None = None) -> 
 
 
 def flops(node: Node, tokens: int) -> tuple[float, float]:
-    n, m = node.shape
-    e = node.config.rank
-    adapter = 6.0 * tokens * e * (n + m)
-    rebuild = 3 * 2.0 * n * e * m
-    return base.frozen_step_flops(node, tokens) + adapter, base.dense_step_flops(node, tokens) + rebuild
+    return base.low_rank_flops(node, tokens, node.config.rank)
 
 
 def uses_key(config: DyloraConfig) -> bool:
