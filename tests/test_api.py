@@ -238,6 +238,18 @@ def test_phi_qkv_parameter_counts_without_allocation():
         ("oft", (("block_size", 64),)): 4_644_864,
         ("shoft", ()): 4_866_048,
         ("rhoft", (("k", 1024),)): 4_792_320,
+        # the seeds' other methods at their defaults (VeRA's is the count PEFT prints)
+        ("svft", ()): 147_456,
+        ("vera", ()): 165_888,
+        ("loraxs", ()): 18_432,
+        ("mora", ()): 4_718_592,
+        ("sbora", ()): 2_359_296,
+        ("loha", ()): 9_437_184,
+        ("ia3", ()): 147_456,
+        ("lora", (("init", "pissa"),)): 4_718_592,
+        ("dylora", ()): 4_718_592,
+        ("hoft", ()): 4_718_592,
+        ("adalora", ()): 72 * (12 * 2048 + 12 + 2048 * 12),
     }
     for (method, hp), count in expected.items():
         abstract = jax.eval_shape(lambda s: jpeft.apply(s, method, key=jax.random.key(0), **dict(hp)), shapes)
