@@ -1,0 +1,106 @@
+"""PEFT's adapter files, both directions, proven by loading them in HF PEFT on the same
+transformers model (tiny PhiForCausalLM, float32)."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+from transformers import PhiConfig, PhiForCausalLM  # noqa: E402
+
+import jpeft  # noqa: E402
+from jpeft import peft_format  # noqa: E402
+from jpeft.models import phi  # noqa: E402
+from conftest import perturb  # noqa: E402
+
+TINY = dict(vocab_size=97, hidden_size=40, intermediate_size=64, num_hidden_layers=2, num_attention_heads=5,
+            max_position_embeddings=64, partial_rotary_factor=0.5)
+IDS = np.random.RandomState(0).randint(0, TINY["vocab_size"], (2, 9))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    torch.manual_seed(0)
+    model = PhiForCausalLM(PhiConfig(**TINY)).eval()
+    path = tmp_path_factory.mktemp("phi")
+    model.save_pretrained(path)
+    flax_model, params = phi.from_pretrained(path)
+    return str(path), flax_model, params
+
+
+def torch_logits(model):
+    with torch.no_grad():
+        return model(torch.tensor(IDS)).logits.numpy()
+
+
+def hf_model(path):
+    return PhiForCausalLM.from_pretrained(path).eval()
+
+
+@pytest.mark.parametrize("method,hp", [("lora", dict(r=4, alpha=8.0, rslora=True)), ("dora", dict(r=4, alpha=8.0))])
+def test_export_loads_in_peft_and_round_trips(base, tmp_path, method, hp):
+    path, model, params = base
+    adapted = perturb(jpeft.apply(params, method, key=jax.random.key(1), targets=r".*(q_proj|v_proj|fc1)/kernel", **hp),
+                      jax.random.key(2), 0.1)
+    peft_format.save(adapted, tmp_path, base_model_name_or_path=path)
+    ours = np.asarray(model.apply({"params": adapted}, IDS))
+    assert np.abs(ours - np.asarray(model.apply({"params": params}, IDS))).max() > 1e-3  # not at identity
+    theirs = peft.PeftModel.from_pretrained(hf_model(path), tmp_path).eval()
+    np.testing.assert_allclose(torch_logits(theirs), ours, atol=1e-4, rtol=1e-4)
+    merged = theirs.merge_and_unload()
+    ours_merged = jpeft.materialize(adapted)["model"]["layers_1"]["mlp"]["fc1"]["kernel"]
+    np.testing.assert_allclose(merged.model.layers[1].mlp.fc1.weight.detach().numpy().T, ours_merged, atol=1e-5)
+    # jpeft -> PEFT files -> jpeft: the same arrays, bit for bit
+    back = peft_format.load(params, tmp_path)
+    for a, b in zip(jax.tree_util.tree_leaves(jpeft.partition(adapted)[0]), jax.tree_util.tree_leaves(jpeft.partition(back)[0])):
+        np.testing.assert_array_equal(a, b)
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(adapted)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_adapters_made_by_peft_load_with_the_same_logits(base, tmp_path, use_dora):
+    path, model, params = base
+    cfg = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["k_proj", "dense"], init_lora_weights=False,
+                          use_dora=use_dora, use_rslora=True)
+    theirs = peft.get_peft_model(hf_model(path), cfg).eval()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_" in n:
+                p.add_(0.05 * torch.randn_like(p))
+    theirs.save_pretrained(tmp_path)
+    adapted = peft_format.load(params, tmp_path)
+    nodes = [p for p, x in jpeft.core.leaves_with_paths(adapted) if jpeft.is_node(x)]
+    assert len(nodes) == 4 and all(p.endswith(("k_proj/kernel", "dense/kernel")) for p in nodes)
+    np.testing.assert_allclose(np.asarray(model.apply({"params": adapted}, IDS)), torch_logits(theirs), atol=1e-4, rtol=1e-4)
+
+
+def test_bad_files_name_the_file_and_the_key(base, tmp_path):
+    _, _, params = base
+    adapted = perturb(jpeft.apply(params, "lora", key=jax.random.key(1), r=2), jax.random.key(2))
+    peft_format.save(adapted, tmp_path)
+    weights, config = tmp_path / peft_format.ADAPTER_WEIGHTS, tmp_path / peft_format.ADAPTER_CONFIG
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors: not a readable safetensors file"):
+        peft_format.load(params, tmp_path)
+    weights.write_bytes(good)
+    cfg = json.loads(config.read_text())
+    config.write_text(json.dumps({**cfg, "peft_type": "PROMPT_TUNING"}))
+    with pytest.raises(ValueError, match=r"adapter_config.json: peft_type 'PROMPT_TUNING' is not supported"):
+        peft_format.load(params, tmp_path)
+    config.write_text(json.dumps({**cfg, "bias": "all"}))
+    with pytest.raises(ValueError, match=r"bias='all' has no jpeft counterpart"):
+        peft_format.load(params, tmp_path)
+    config.write_text(json.dumps({**cfg, "r": 3}))
+    with pytest.raises(ValueError, match=r"lora_A.weight' has shape \(2, 40\), the model's .* needs \(3, 40\)"):
+        peft_format.load(params, tmp_path)
+    with pytest.raises(ValueError, match=r"match no kernel of the parameters"):
+        peft_format.load(params, tmp_path, names=lambda p: "elsewhere." + peft_format.module_name(p))
+    with pytest.raises(ValueError, match=r"PEFT's format is written here for one method of \['dora', 'lora'\]"):
+        peft_format.save(jpeft.apply(params, "shoft", key=jax.random.key(0), r_u=2, r_v=2), tmp_path / "x")
+    assert not os.path.exists(tmp_path / "x")
