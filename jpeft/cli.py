@@ -165,7 +165,8 @@ def cmd_train(args) -> None:
     run_dir = args.run_dir or pipeline.default_run_dir(cfg)
     print(f"run directory: {run_dir}")
     summary = pipeline.finetune(cfg, run_dir, max_steps=args.steps, stop_at=args.stop_at,
-                                checkpoint_every=args.checkpoint_every, log_every=args.log_every, merged_out=args.merged_out)
+                                checkpoint_every=args.checkpoint_every, log_every=args.log_every, merged_out=args.merged_out,
+                                peft_out=args.peft_out)
     print(f"trainable parameters: {summary['trainable']:,}; final loss: {summary['final_loss']}")
     for task, r in summary.get("results", {}).items():
         print(f"  {task:14s} accuracy {r['accuracy']:.3f}  length-normalized {r['accuracy_norm']:.3f}  (n={r['n']})")
@@ -175,9 +176,21 @@ def cmd_eval(args) -> None:
     from jpeft import pipeline
 
     cfg = _run_config(args)
-    results = pipeline.zero_shot(cfg, args.run_dir, adapter=args.adapter)
+    results = pipeline.zero_shot(cfg, args.run_dir, adapter=args.adapter, peft_adapter=args.peft_adapter)
     for task, r in results.items():
         print(f"  {task:14s} accuracy {r['accuracy']:.3f}  length-normalized {r['accuracy_norm']:.3f}  (n={r['n']})")
+
+
+def cmd_export(args) -> None:
+    """A jpeft adapter (``jpeft train``'s ``RUN/adapter``) rewritten in HF PEFT's format."""
+    import jax.numpy as jnp
+
+    from jpeft import checkpoint, peft_format, pipeline
+
+    _, params, _ = pipeline.load_model(args.model, jnp.float32, jnp.float32)
+    adapted = checkpoint.load_adapter(args.adapter, params)
+    peft_format.save(adapted, args.peft, base_model_name_or_path=args.model)
+    print(f"wrote {args.peft}/{peft_format.ADAPTER_CONFIG} and {peft_format.ADAPTER_WEIGHTS}")
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -226,12 +239,20 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--checkpoint-every", type=int, default=100)
     tr.add_argument("--log-every", type=int, default=10)
     tr.add_argument("--merged-out", default=None, help="also write the merged model in Hugging Face format here")
+    tr.add_argument("--peft-out", default=None, help="also write the adapter in HF PEFT's format here (LoRA, DoRA)")
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", formatter_class=fmt, help="multiple-choice accuracy of a model (zero-shot) or model + adapter")
     _add_run_options(ev)
     ev.add_argument("--adapter", default=None, help="an adapter directory written by jpeft train")
+    ev.add_argument("--peft-adapter", default=None, help="an adapter directory in HF PEFT's format (LoRA, DoRA)")
     ev.set_defaults(func=cmd_eval)
+
+    ex = sub.add_parser("export", formatter_class=fmt, help="rewrite a jpeft adapter in HF PEFT's format")
+    ex.add_argument("--model", default="tiny", help="the base model the adapter was trained on (name or checkpoint dir)")
+    ex.add_argument("--adapter", required=True, help="an adapter directory written by jpeft train (RUN/adapter)")
+    ex.add_argument("--peft", required=True, help="output directory for adapter_config.json and adapter_model.safetensors")
+    ex.set_defaults(func=cmd_export)
 
     bench = sub.add_parser("bench", formatter_class=fmt, help="time training steps of each method (and HF PEFT with --peft)")
     bench.add_argument("--model", default="tiny", metavar="MODEL",

@@ -50,6 +50,11 @@ def _namer(names: Callable[[str], str] | Mapping[str, str] | None) -> Callable[[
     return lambda path: names[path]
 
 
+def check(adapted: PyTree) -> None:
+    """Raise (ValueError) now if :func:`save` could not write ``adapted`` (e.g. before training)."""
+    _lora_nodes(adapted)
+
+
 def _lora_nodes(adapted: PyTree) -> dict[str, Node]:
     nodes = {p: x for p, x in core.leaves_with_paths(adapted) if core.is_node(x)}
     if not nodes:

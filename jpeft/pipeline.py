@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from jpeft import checkpoint, core, data, eval as evaluation, train
+from jpeft import checkpoint, core, data, eval as evaluation, peft_format, train
 from jpeft.models import phi
 
 PyTree = Any
@@ -115,14 +115,18 @@ def to_jsonable(cfg: RunConfig) -> dict:
 
 
 def finetune(cfg: RunConfig, run_dir: str, *, max_steps=None, stop_at=None, checkpoint_every=100, log_every=10,
-             progress=True, merged_out: str | None = None) -> dict:
-    """Adapt, train (resuming if ``run_dir`` has checkpoints), evaluate; returns the summary."""
+             progress=True, merged_out: str | None = None, peft_out: str | None = None) -> dict:
+    """Adapt, train (resuming if ``run_dir`` has checkpoints), evaluate; returns the summary.
+    ``merged_out``: also the merged model in Hugging Face format; ``peft_out``: also the
+    adapter in HF PEFT's format (:mod:`jpeft.peft_format`; checked before training)."""
     dtype = jnp.dtype(cfg.train.compute_dtype)
     model, params, hf_config = load_model(cfg.model, dtype, dtype, cfg.seed)
     model = model.clone(remat=cfg.train.remat)
     tokenizer = load_tokenizer(cfg)
     adapted = core.apply(params, cfg.method, key=jax.random.key(cfg.seed), targets=list(cfg.targets) if cfg.targets else None,
                          also_train=list(cfg.also_train) if cfg.also_train else None, **cfg.hparams)
+    if peft_out:
+        peft_format.check(adapted)
     encoded = data.encode_pairs(training_pairs(cfg), tokenizer, cfg.train.max_length)
     # only now, with the model, the method and the data validated: a bad run leaves no directory
     os.makedirs(run_dir, exist_ok=True)
@@ -136,16 +140,24 @@ def finetune(cfg: RunConfig, run_dir: str, *, max_steps=None, stop_at=None, chec
         summary["results"] = evaluate_tasks(cfg, model, trained, tokenizer, run_dir, method=cfg.method)
     if merged_out:
         phi.save_pretrained(core.materialize(trained), hf_config, merged_out)
+    if peft_out:
+        peft_format.save(trained, peft_out, base_model_name_or_path=cfg.model)
     return summary
 
 
-def zero_shot(cfg: RunConfig, run_dir: str | None = None, adapter: str | None = None) -> dict[str, dict]:
-    """Evaluate the base model (or base + a saved adapter) on ``cfg.tasks``."""
+def zero_shot(cfg: RunConfig, run_dir: str | None = None, adapter: str | None = None,
+              peft_adapter: str | None = None) -> dict[str, dict]:
+    """Evaluate the base model (or base + a saved jpeft adapter, or + an adapter in HF
+    PEFT's format) on ``cfg.tasks``."""
+    if adapter and peft_adapter:
+        raise ValueError("give a jpeft adapter or a PEFT adapter, not both")
     dtype = jnp.dtype(cfg.train.compute_dtype)
     model, params, _ = load_model(cfg.model, dtype, dtype, cfg.seed)
     if adapter:
         params = checkpoint.load_adapter(adapter, params)
-    return evaluate_tasks(cfg, model, params, load_tokenizer(cfg), run_dir, adapter=adapter)
+    if peft_adapter:
+        params = peft_format.load(params, peft_adapter)
+    return evaluate_tasks(cfg, model, params, load_tokenizer(cfg), run_dir, adapter=adapter or peft_adapter)
 
 
 def parse_tasks(tasks: Sequence[str]) -> tuple[str, ...]:

@@ -104,3 +104,35 @@ def test_bad_files_name_the_file_and_the_key(base, tmp_path):
     with pytest.raises(ValueError, match=r"PEFT's format is written here for one method of \['dora', 'lora'\]"):
         peft_format.save(jpeft.apply(params, "shoft", key=jax.random.key(0), r_u=2, r_v=2), tmp_path / "x")
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_cli_train_peft_out_export_and_eval(tmp_path, capsys):
+    from safetensors.numpy import load_file
+
+    from jpeft import cli
+
+    run = tmp_path / "run"
+    args = ["--model", "tiny", "--method", "lora", "--tasks", "piqa", "--batch-size", "4", "--dtype", "float32",
+            "--max-length", "128"]
+    cli.main(["train", *args, "--run-dir", str(run), "--steps", "4", "--warmup-steps", "1", "--lr", "1e-2",
+              "--set", "rslora=true", "--peft-out", str(tmp_path / "peft")])
+    trained = json.loads((run / "results" / "piqa.json").read_text())
+    cli.main(["export", "--model", "tiny", "--adapter", str(run / "adapter"), "--peft", str(tmp_path / "exported")])
+    written, exported = (load_file(tmp_path / d / peft_format.ADAPTER_WEIGHTS) for d in ("peft", "exported"))
+    assert written.keys() == exported.keys() and len(written) == 2 * 3 * 4  # A, B of Q/K/V in 4 layers
+    for k in written:
+        np.testing.assert_array_equal(written[k], exported[k])
+    assert json.loads((tmp_path / "peft" / peft_format.ADAPTER_CONFIG).read_text())["use_rslora"] is True
+    cli.main(["eval", *args, "--peft-adapter", str(tmp_path / "peft"), "--run-dir", str(tmp_path / "eval")])
+    again = json.loads((tmp_path / "eval" / "results" / "piqa.json").read_text())
+    assert again["predictions"] == trained["predictions"]  # the PEFT files reproduce the trained model
+    capsys.readouterr()
+    (tmp_path / "peft" / peft_format.ADAPTER_WEIGHTS).write_bytes(b"\0" * 10)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", *args, "--peft-adapter", str(tmp_path / "peft"), "--run-dir", str(tmp_path / "eval2")])
+    assert e.value.code == 2 and "adapter_model.safetensors: not a readable safetensors file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", *args, "--method", "shoft", "--run-dir", str(tmp_path / "r2"), "--steps", "1",
+                  "--peft-out", str(tmp_path / "p2")])
+    assert e.value.code == 2 and "PEFT's format is written here for one method" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists() and not (tmp_path / "p2").exists()
