@@ -41,7 +41,11 @@ def hf_model(path):
     return PhiForCausalLM.from_pretrained(path).eval()
 
 
-@pytest.mark.parametrize("method,hp", [("lora", dict(r=4, alpha=8.0, rslora=True)), ("dora", dict(r=4, alpha=8.0))])
+EXPORTED = [("lora", dict(r=4, alpha=8.0, rslora=True)), ("dora", dict(r=4, alpha=8.0)), ("hra", dict(r=4)),
+            ("loha", dict(r=2, alpha=4.0)), ("ia3", dict(feedforward=True))]
+
+
+@pytest.mark.parametrize("method,hp", EXPORTED)
 def test_export_loads_in_peft_and_round_trips(base, tmp_path, method, hp):
     path, model, params = base
     adapted = perturb(jpeft.apply(params, method, key=jax.random.key(1), targets=r".*(q_proj|v_proj|fc1)/kernel", **hp),
@@ -61,16 +65,24 @@ def test_export_loads_in_peft_and_round_trips(base, tmp_path, method, hp):
     assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(adapted)
 
 
-@pytest.mark.parametrize("use_dora", [False, True])
-def test_adapters_made_by_peft_load_with_the_same_logits(base, tmp_path, use_dora):
+PEFT_MADE = {
+    "lora": lambda t: peft.LoraConfig(r=4, lora_alpha=16, target_modules=t, init_lora_weights=False, use_rslora=True),
+    "dora": lambda t: peft.LoraConfig(r=4, lora_alpha=16, target_modules=t, init_lora_weights=False, use_dora=True),
+    "hra": lambda t: peft.HRAConfig(r=4, target_modules=t),
+    "loha": lambda t: peft.LoHaConfig(r=2, alpha=4, target_modules=t, init_weights=False),
+    "ia3": lambda t: peft.IA3Config(target_modules=t, feedforward_modules=t),
+}
+
+
+@pytest.mark.parametrize("method", list(PEFT_MADE))
+def test_adapters_made_by_peft_load_with_the_same_logits(base, tmp_path, method):
     path, model, params = base
-    cfg = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["k_proj", "dense"], init_lora_weights=False,
-                          use_dora=use_dora, use_rslora=True)
+    cfg = PEFT_MADE[method](["k_proj", "dense"])
     theirs = peft.get_peft_model(hf_model(path), cfg).eval()
     torch.manual_seed(3)
     with torch.no_grad():
         for n, p in theirs.named_parameters():
-            if "lora_" in n:
+            if any(k in n for k in ("lora_", "hra_", "hada_", "ia3_")):
                 p.add_(0.05 * torch.randn_like(p))
     theirs.save_pretrained(tmp_path)
     adapted = peft_format.load(params, tmp_path)
@@ -101,9 +113,12 @@ def test_bad_files_name_the_file_and_the_key(base, tmp_path):
         peft_format.load(params, tmp_path)
     with pytest.raises(ValueError, match=r"match no kernel of the parameters"):
         peft_format.load(params, tmp_path, names=lambda p: "elsewhere." + peft_format.module_name(p))
-    with pytest.raises(ValueError, match=r"PEFT's format is written here for one method of \['dora', 'lora'\]"):
+    with pytest.raises(ValueError, match=r"PEFT's format is written here for one method of \['dora', 'hra', 'ia3', 'loha', 'lora'\]"):
         peft_format.save(jpeft.apply(params, "shoft", key=jax.random.key(0), r_u=2, r_v=2), tmp_path / "x")
     assert not os.path.exists(tmp_path / "x")
+    with pytest.raises(ValueError, match=r"\(IA\)³ on the outputs of layers with a bias .*use feedforward=True"):
+        peft_format.save(jpeft.apply(params, "ia3", key=jax.random.key(0)), tmp_path / "y")
+    assert not os.path.exists(tmp_path / "y")
 
 
 def test_cli_train_peft_out_export_and_eval(tmp_path, capsys):
