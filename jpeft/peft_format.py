@@ -7,8 +7,8 @@ the Hugging Face module name; the default (:func:`module_name`) is the Phi port'
 ``model/layers_0/self_attn/q_proj/kernel`` -> ``model.layers.0.self_attn.q_proj``.
 
 Supported so far, both directions (:data:`METHODS`): LoRA (``use_rslora`` included), DoRA,
-HRA, LoHa and (IA)³. PiSSA/OLoRA adapters, whose frozen weight is a residual rather than the
-base, the other methods PEFT has (LoKr, OFT, BOFT, VeRA, AdaLoRA) and the methods PEFT does
+HRA, LoHa, (IA)³ and LoKr. PiSSA/OLoRA adapters, whose frozen weight is a residual rather than the
+base, the other methods PEFT has (OFT, BOFT, VeRA, AdaLoRA) and the methods PEFT does
 not have are refused with a clear error, as are PEFT options jpeft lacks (``bias``,
 ``rank_pattern``, ``alpha_pattern``, ``fan_in_fan_out``, ``modules_to_save``, ...).
 """
@@ -70,6 +70,12 @@ METHODS = {
                            "use_effective_conv2d": False, "init_weights": True, "rank_pattern": {}, "alpha_pattern": {}}),
     "ia3": ("IA3", lambda m, c: [Tensor("l", "ia3_l", "row" if c.feedforward else "col")],
             lambda m, c: {"peft_type": "IA3", "fan_in_fan_out": False, "init_ia3_weights": True}),
+    # w2 is one matrix or two factors (by the kernel's shape): the tensors a node does not hold are skipped
+    "lokr": ("LOKR", lambda m, c: [Tensor("w1", "lokr_w1", "T"), Tensor("w2", "lokr_w2", "T"),
+                                   Tensor("w2_out", "lokr_w2_a", "T"), Tensor("w2_in", "lokr_w2_b", "T")],
+             lambda m, c: {"peft_type": "LOKR", "r": c.r, "alpha": c.alpha, "rank_dropout": 0.0, "module_dropout": 0.0,
+                           "use_effective_conv2d": False, "decompose_both": False, "decompose_factor": c.factor,
+                           "rank_dropout_scale": False, "init_weights": True, "rank_pattern": {}, "alpha_pattern": {}}),
 }
 
 
@@ -89,6 +95,15 @@ def _hparams(config_path: str, config: dict, modules: list[str]) -> tuple[str, d
             if config.get(field):
                 raise ValueError(f"{config_path}: {field}={config[field]!r} has no jpeft counterpart (supported: 0)")
         return "loha", dict(r=int(config["r"]), alpha=float(config["alpha"]))
+    if kind == "LOKR":
+        for field in ("rank_dropout", "module_dropout"):
+            if config.get(field):
+                raise ValueError(f"{config_path}: {field}={config[field]!r} has no jpeft counterpart (supported: 0)")
+        if config.get("decompose_both"):
+            raise ValueError(f"{config_path}: decompose_both=True (a low-rank first factor) has no jpeft counterpart "
+                             "(supported: False)")
+        return "lokr", dict(r=int(config["r"]), alpha=float(config["alpha"]),
+                            factor=int(config.get("decompose_factor", -1)))
     if kind == "IA3":
         feedforward = config.get("feedforward_modules") or []
         ff = [m for m in modules if m in feedforward or any(m.endswith("." + f) for f in feedforward)]
@@ -161,6 +176,8 @@ def save(adapted: PyTree, directory: str | os.PathLike, *, names=None, base_mode
     tensors = {}
     for path, node in nodes.items():
         for t in tensor_spec(first.method, first.config):
+            if t.name not in node.trainable:
+                continue
             x = np.asarray(node.trainable[t.name], np.float32)
             tensors[f"{PREFIX}{name(path)}.{t.suffix}"] = np.ascontiguousarray(_to_peft(x, t.layout))
     modules = sorted(name(p) for p in nodes)
@@ -213,7 +230,8 @@ def load(params: PyTree, directory: str | os.PathLike, *, names=None) -> PyTree:
         if not core.is_node(leaf):
             return leaf
         module = PREFIX + name(p)
-        wanted = {t.name: (f"{module}.{t.suffix}", t.layout) for t in METHODS[method][1](method, leaf.config)}
+        wanted = {t.name: (f"{module}.{t.suffix}", t.layout) for t in METHODS[method][1](method, leaf.config)
+                  if t.name in leaf.trainable}
         trainable = {}
         for k, (key, layout) in wanted.items():
             if key not in tensors:

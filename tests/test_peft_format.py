@@ -42,7 +42,8 @@ def hf_model(path):
 
 
 EXPORTED = [("lora", dict(r=4, alpha=8.0, rslora=True)), ("dora", dict(r=4, alpha=8.0)), ("hra", dict(r=4)),
-            ("loha", dict(r=2, alpha=4.0)), ("ia3", dict(feedforward=True))]
+            ("loha", dict(r=2, alpha=4.0)), ("ia3", dict(feedforward=True)),
+            ("lokr", dict(r=8, alpha=4.0))]
 
 
 @pytest.mark.parametrize("method,hp", EXPORTED)
@@ -71,6 +72,7 @@ PEFT_MADE = {
     "hra": lambda t: peft.HRAConfig(r=4, target_modules=t),
     "loha": lambda t: peft.LoHaConfig(r=2, alpha=4, target_modules=t, init_weights=False),
     "ia3": lambda t: peft.IA3Config(target_modules=t, feedforward_modules=t),
+    "lokr": lambda t: peft.LoKrConfig(r=2, alpha=4, target_modules=t),
 }
 
 
@@ -82,13 +84,27 @@ def test_adapters_made_by_peft_load_with_the_same_logits(base, tmp_path, method)
     torch.manual_seed(3)
     with torch.no_grad():
         for n, p in theirs.named_parameters():
-            if any(k in n for k in ("lora_", "hra_", "hada_", "ia3_")):
+            if any(k in n for k in ("lora_", "hra_", "hada_", "ia3_", "lokr_", "oft_", "boft_")):
                 p.add_(0.05 * torch.randn_like(p))
     theirs.save_pretrained(tmp_path)
     adapted = peft_format.load(params, tmp_path)
     nodes = [p for p, x in jpeft.core.leaves_with_paths(adapted) if jpeft.is_node(x)]
     assert len(nodes) == 4 and all(p.endswith(("k_proj/kernel", "dense/kernel")) for p in nodes)
     np.testing.assert_allclose(np.asarray(model.apply({"params": adapted}, IDS)), torch_logits(theirs), atol=1e-4, rtol=1e-4)
+
+
+REFUSED = [("lokr", dict(r=2), "decompose_both", True, r"decompose_both=True .*has no jpeft counterpart"),
+           ("lokr", dict(r=2), "module_dropout", 0.1, r"module_dropout=0.1 has no jpeft counterpart")]
+
+
+@pytest.mark.parametrize("method,hp,field,value,message", REFUSED)
+def test_peft_options_jpeft_lacks_are_refused(base, tmp_path, method, hp, field, value, message):
+    _, _, params = base
+    peft_format.save(jpeft.apply(params, method, key=jax.random.key(1), targets=r".*q_proj/kernel", **hp), tmp_path)
+    config = tmp_path / peft_format.ADAPTER_CONFIG
+    config.write_text(json.dumps({**json.loads(config.read_text()), field: value}))
+    with pytest.raises(ValueError, match=r"adapter_config.json: " + message):
+        peft_format.load(params, tmp_path)
 
 
 def test_bad_files_name_the_file_and_the_key(base, tmp_path):
@@ -113,7 +129,7 @@ def test_bad_files_name_the_file_and_the_key(base, tmp_path):
         peft_format.load(params, tmp_path)
     with pytest.raises(ValueError, match=r"match no kernel of the parameters"):
         peft_format.load(params, tmp_path, names=lambda p: "elsewhere." + peft_format.module_name(p))
-    with pytest.raises(ValueError, match=r"PEFT's format is written here for one method of \['dora', 'hra', 'ia3', 'loha', 'lora'\]"):
+    with pytest.raises(ValueError, match=r"PEFT's format is written here for one method of \['dora', 'hra', 'ia3', 'loha', 'lokr', 'lora'\]"):
         peft_format.save(jpeft.apply(params, "shoft", key=jax.random.key(0), r_u=2, r_v=2), tmp_path / "x")
     assert not os.path.exists(tmp_path / "x")
     with pytest.raises(ValueError, match=r"\(IA\)³ on the outputs of layers with a bias .*use feedforward=True"):
