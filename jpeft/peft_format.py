@@ -7,8 +7,8 @@ the Hugging Face module name; the default (:func:`module_name`) is the Phi port'
 ``model/layers_0/self_attn/q_proj/kernel`` -> ``model.layers.0.self_attn.q_proj``.
 
 Supported so far, both directions (:data:`METHODS`): LoRA (``use_rslora`` included), DoRA,
-HRA, LoHa, (IA)³ and LoKr. PiSSA/OLoRA adapters, whose frozen weight is a residual rather than the
-base, the other methods PEFT has (OFT, BOFT, VeRA, AdaLoRA) and the methods PEFT does
+HRA, LoHa, (IA)³, LoKr and OFT (input side, PEFT ≥ 0.15). PiSSA/OLoRA adapters, whose frozen weight is
+a residual rather than the base, the other methods PEFT has (BOFT, VeRA, AdaLoRA) and the methods PEFT does
 not have are refused with a clear error, as are PEFT options jpeft lacks (``bias``,
 ``rank_pattern``, ``alpha_pattern``, ``fan_in_fan_out``, ``modules_to_save``, ...).
 """
@@ -37,15 +37,15 @@ class Tensor(NamedTuple):
 
     name: str
     suffix: str
-    layout: str  # "T": PEFT stores the transpose; "": as is; "col"/"row": a vector as (n, 1) / (1, n)
+    layout: str  # "T": PEFT stores the transpose; "": as is; "col"/"row": a vector as (n, 1) / (1, n); "neg": -x
 
 
 def _to_peft(x: np.ndarray, layout: str) -> np.ndarray:
-    return {"T": lambda: x.T, "": lambda: x, "col": lambda: x[:, None], "row": lambda: x[None, :]}[layout]()
+    return {"T": lambda: x.T, "": lambda: x, "col": lambda: x[:, None], "row": lambda: x[None, :], "neg": lambda: -x}[layout]()
 
 
 def _from_peft(x: np.ndarray, layout: str) -> np.ndarray:
-    return {"T": lambda: x.T, "": lambda: x, "col": lambda: x[:, 0], "row": lambda: x[0]}[layout]()
+    return {"T": lambda: x.T, "": lambda: x, "col": lambda: x[:, 0], "row": lambda: x[0], "neg": lambda: -x}[layout]()
 
 
 def _lora_tensors(method: str, config) -> list[Tensor]:
@@ -76,7 +76,28 @@ METHODS = {
              lambda m, c: {"peft_type": "LOKR", "r": c.r, "alpha": c.alpha, "rank_dropout": 0.0, "module_dropout": 0.0,
                            "use_effective_conv2d": False, "decompose_both": False, "decompose_factor": c.factor,
                            "rank_dropout_scale": False, "init_weights": True, "rank_pattern": {}, "alpha_pattern": {}}),
+    # PEFT's exact Cayley is (I - Q)(I + Q)^-1 but its Neumann series expands (I + Q)(I - Q)^-1, the transpose:
+    # jpeft's q is oft_R with the exact transform and -oft_R with the series
+    "oft": ("OFT", lambda m, c: [Tensor("q", "oft_R.weight", "" if c.neumann_terms is None else "neg")],
+            lambda m, c: _oft_config(c)),
 }
+
+
+def _oft_config(c) -> dict:
+    # PEFT's num_cayley_neumann_terms=N sums I + 2Q + ... + 2Q^(N-2) + Q^(N-1): jpeft's t = N - 1 terms (t >= 3)
+    return {"peft_type": "OFT", "r": 0, "oft_block_size": c.block_size, "module_dropout": 0.0, "coft": False,
+            "eps": 6e-05, "block_share": False, "use_cayley_neumann": c.neumann_terms is not None,
+            "num_cayley_neumann_terms": 5 if c.neumann_terms is None else c.neumann_terms + 1, "init_weights": True,
+            "fan_in_fan_out": False}
+
+
+def _check_oft(path: str, config) -> None:
+    if config.side != "in" or config.scale:
+        raise ValueError(f"{path!r}: PEFT's OFT rotates the inputs without a scaling (side='in', scale=False); "
+                         f"this node has side={config.side!r}, scale={config.scale}")
+    if config.neumann_terms in (1, 2):
+        raise ValueError(f"{path!r}: neumann_terms={config.neumann_terms} has no PEFT counterpart (PEFT's "
+                         "num_cayley_neumann_terms=N is jpeft's N - 1 terms, N >= 4; use None or >= 3)")
 
 
 def _hparams(config_path: str, config: dict, modules: list[str]) -> tuple[str, dict]:
@@ -104,6 +125,20 @@ def _hparams(config_path: str, config: dict, modules: list[str]) -> tuple[str, d
                              "(supported: False)")
         return "lokr", dict(r=int(config["r"]), alpha=float(config["alpha"]),
                             factor=int(config.get("decompose_factor", -1)))
+    if kind == "OFT":
+        for field, off in (("coft", False), ("block_share", False), ("module_dropout", 0.0)):
+            if config.get(field):
+                raise ValueError(f"{config_path}: {field}={config[field]!r} has no jpeft counterpart (supported: {off!r})")
+        if not config.get("oft_block_size"):
+            raise ValueError(f"{config_path}: r={config.get('r')!r} (a number of blocks per layer, oft_block_size=0) has "
+                             "no jpeft counterpart; jpeft's OFT takes oft_block_size")
+        terms = None
+        if config.get("use_cayley_neumann", True):  # PEFT's default
+            n = int(config.get("num_cayley_neumann_terms", 5))
+            if n < 3:
+                raise ValueError(f"{config_path}: num_cayley_neumann_terms={n} has no jpeft counterpart (supported: >= 3)")
+            terms = max(n - 1, 3)  # PEFT's N=3 and N=4 both sum I + 2Q + 2Q² + Q³
+        return "oft", dict(block_size=int(config["oft_block_size"]), side="in", neumann_terms=terms)
     if kind == "IA3":
         feedforward = config.get("feedforward_modules") or []
         ff = [m for m in modules if m in feedforward or any(m.endswith("." + f) for f in feedforward)]
@@ -150,6 +185,9 @@ def _lora_nodes(adapted: PyTree) -> dict[str, Node]:
             raise ValueError(f"{p!r}: a {n.config.init} adapter's frozen weight is a residual, not the base; "
                              "PEFT's conversion of it to a plain LoRA is not supported yet")
     _check_ia3_biases(adapted, nodes)
+    for p, n in nodes.items():
+        if n.method == "oft":
+            _check_oft(p, n.config)
     configs = {n.config for n in nodes.values()}
     if len(configs) != 1:
         raise ValueError(f"every node must share one configuration (PEFT's rank_pattern is not supported); got {configs}")

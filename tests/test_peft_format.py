@@ -43,7 +43,8 @@ def hf_model(path):
 
 EXPORTED = [("lora", dict(r=4, alpha=8.0, rslora=True)), ("dora", dict(r=4, alpha=8.0)), ("hra", dict(r=4)),
             ("loha", dict(r=2, alpha=4.0)), ("ia3", dict(feedforward=True)),
-            ("lokr", dict(r=8, alpha=4.0))]
+            ("lokr", dict(r=8, alpha=4.0)), ("oft", dict(block_size=8, side="in")),
+            ("oft", dict(block_size=8, side="in", neumann_terms=4))]
 
 
 @pytest.mark.parametrize("method,hp", EXPORTED)
@@ -73,6 +74,8 @@ PEFT_MADE = {
     "loha": lambda t: peft.LoHaConfig(r=2, alpha=4, target_modules=t, init_weights=False),
     "ia3": lambda t: peft.IA3Config(target_modules=t, feedforward_modules=t),
     "lokr": lambda t: peft.LoKrConfig(r=2, alpha=4, target_modules=t),
+    "oft": lambda t: peft.OFTConfig(r=0, oft_block_size=8, target_modules=t),  # Cayley-Neumann, 5 terms
+    "oft_exact": lambda t: peft.OFTConfig(r=0, oft_block_size=8, target_modules=t, use_cayley_neumann=False),
 }
 
 
@@ -94,7 +97,9 @@ def test_adapters_made_by_peft_load_with_the_same_logits(base, tmp_path, method)
 
 
 REFUSED = [("lokr", dict(r=2), "decompose_both", True, r"decompose_both=True .*has no jpeft counterpart"),
-           ("lokr", dict(r=2), "module_dropout", 0.1, r"module_dropout=0.1 has no jpeft counterpart")]
+           ("lokr", dict(r=2), "module_dropout", 0.1, r"module_dropout=0.1 has no jpeft counterpart"),
+           ("oft", dict(block_size=8, side="in"), "coft", True, r"coft=True has no jpeft counterpart"),
+           ("oft", dict(block_size=8, side="in"), "oft_block_size", 0, r"r=0 \(a number of blocks per layer")]
 
 
 @pytest.mark.parametrize("method,hp,field,value,message", REFUSED)
@@ -129,9 +134,12 @@ def test_bad_files_name_the_file_and_the_key(base, tmp_path):
         peft_format.load(params, tmp_path)
     with pytest.raises(ValueError, match=r"match no kernel of the parameters"):
         peft_format.load(params, tmp_path, names=lambda p: "elsewhere." + peft_format.module_name(p))
-    with pytest.raises(ValueError, match=r"PEFT's format is written here for one method of \['dora', 'hra', 'ia3', 'loha', 'lokr', 'lora'\]"):
+    with pytest.raises(ValueError, match=r"PEFT's format is written here for one method of \['dora', 'hra', 'ia3', 'loha', 'lokr', 'lora', 'oft'\]"):
         peft_format.save(jpeft.apply(params, "shoft", key=jax.random.key(0), r_u=2, r_v=2), tmp_path / "x")
     assert not os.path.exists(tmp_path / "x")
+    with pytest.raises(ValueError, match=r"PEFT's OFT rotates the inputs without a scaling"):
+        peft_format.save(jpeft.apply(params, "oft", key=jax.random.key(0), block_size=8), tmp_path / "z")
+    assert not os.path.exists(tmp_path / "z")
     with pytest.raises(ValueError, match=r"\(IA\)³ on the outputs of layers with a bias .*use feedforward=True"):
         peft_format.save(jpeft.apply(params, "ia3", key=jax.random.key(0)), tmp_path / "y")
     assert not os.path.exists(tmp_path / "y")
