@@ -7,8 +7,9 @@ the Hugging Face module name; the default (:func:`module_name`) is the Phi port'
 ``model/layers_0/self_attn/q_proj/kernel`` -> ``model.layers.0.self_attn.q_proj``.
 
 Supported so far, both directions (:data:`METHODS`): LoRA (``use_rslora`` included), DoRA,
-HRA, LoHa, (IA)³, LoKr and OFT (input side, PEFT ≥ 0.15). PiSSA/OLoRA adapters, whose frozen weight is
-a residual rather than the base, the other methods PEFT has (BOFT, VeRA, AdaLoRA) and the methods PEFT does
+HRA, LoHa, (IA)³, LoKr, OFT (input side, PEFT ≥ 0.15) and BOFT (PEFT builds more than one butterfly
+factor only with its CUDA extension). PiSSA/OLoRA adapters, whose frozen weight is a residual rather than
+the base, the other methods PEFT has (VeRA, AdaLoRA) and the methods PEFT does
 not have are refused with a clear error, as are PEFT options jpeft lacks (``bias``,
 ``rank_pattern``, ``alpha_pattern``, ``fan_in_fan_out``, ``modules_to_save``, ...).
 """
@@ -80,6 +81,11 @@ METHODS = {
     # jpeft's q is oft_R with the exact transform and -oft_R with the series
     "oft": ("OFT", lambda m, c: [Tensor("q", "oft_R.weight", "" if c.neumann_terms is None else "neg")],
             lambda m, c: _oft_config(c)),
+    # boft_R: (n_butterfly, in / b, b, b) as is; PEFT without its CUDA extension builds one factor only
+    "boft": ("BOFT", lambda m, c: [Tensor("blocks", "boft_R", ""), Tensor("scale", "boft_s", "col")],
+             lambda m, c: {"peft_type": "BOFT", "boft_block_size": c.block_size, "boft_block_num": 0,
+                           "boft_n_butterfly_factor": c.n_butterfly, "boft_dropout": 0.0, "init_weights": True,
+                           "fan_in_fan_out": False}),
 }
 
 
@@ -139,6 +145,15 @@ def _hparams(config_path: str, config: dict, modules: list[str]) -> tuple[str, d
                 raise ValueError(f"{config_path}: num_cayley_neumann_terms={n} has no jpeft counterpart (supported: >= 3)")
             terms = max(n - 1, 3)  # PEFT's N=3 and N=4 both sum I + 2Q + 2Q² + Q³
         return "oft", dict(block_size=int(config["oft_block_size"]), side="in", neumann_terms=terms)
+    if kind == "BOFT":
+        if config.get("boft_dropout"):
+            raise ValueError(f"{config_path}: boft_dropout={config['boft_dropout']!r} (multiplicative dropout of whole "
+                             "blocks) has no jpeft counterpart (supported: 0)")
+        if not config.get("boft_block_size"):
+            raise ValueError(f"{config_path}: boft_block_num={config.get('boft_block_num')!r} (a number of blocks per "
+                             "layer, boft_block_size=0) has no jpeft counterpart; jpeft's BOFT takes boft_block_size")
+        return "boft", dict(block_size=int(config["boft_block_size"]),
+                            n_butterfly=int(config.get("boft_n_butterfly_factor", 1)))
     if kind == "IA3":
         feedforward = config.get("feedforward_modules") or []
         ff = [m for m in modules if m in feedforward or any(m.endswith("." + f) for f in feedforward)]

@@ -44,7 +44,7 @@ def hf_model(path):
 EXPORTED = [("lora", dict(r=4, alpha=8.0, rslora=True)), ("dora", dict(r=4, alpha=8.0)), ("hra", dict(r=4)),
             ("loha", dict(r=2, alpha=4.0)), ("ia3", dict(feedforward=True)),
             ("lokr", dict(r=8, alpha=4.0)), ("oft", dict(block_size=8, side="in")),
-            ("oft", dict(block_size=8, side="in", neumann_terms=4))]
+            ("oft", dict(block_size=8, side="in", neumann_terms=4)), ("boft", dict(block_size=8, n_butterfly=1))]
 
 
 @pytest.mark.parametrize("method,hp", EXPORTED)
@@ -76,6 +76,7 @@ PEFT_MADE = {
     "lokr": lambda t: peft.LoKrConfig(r=2, alpha=4, target_modules=t),
     "oft": lambda t: peft.OFTConfig(r=0, oft_block_size=8, target_modules=t),  # Cayley-Neumann, 5 terms
     "oft_exact": lambda t: peft.OFTConfig(r=0, oft_block_size=8, target_modules=t, use_cayley_neumann=False),
+    "boft": lambda t: peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=1, target_modules=t),
 }
 
 
@@ -99,7 +100,8 @@ def test_adapters_made_by_peft_load_with_the_same_logits(base, tmp_path, method)
 REFUSED = [("lokr", dict(r=2), "decompose_both", True, r"decompose_both=True .*has no jpeft counterpart"),
            ("lokr", dict(r=2), "module_dropout", 0.1, r"module_dropout=0.1 has no jpeft counterpart"),
            ("oft", dict(block_size=8, side="in"), "coft", True, r"coft=True has no jpeft counterpart"),
-           ("oft", dict(block_size=8, side="in"), "oft_block_size", 0, r"r=0 \(a number of blocks per layer")]
+           ("oft", dict(block_size=8, side="in"), "oft_block_size", 0, r"r=0 \(a number of blocks per layer"),
+           ("boft", dict(block_size=4), "boft_dropout", 0.1, r"boft_dropout=0.1 \(multiplicative dropout")]
 
 
 @pytest.mark.parametrize("method,hp,field,value,message", REFUSED)
@@ -134,7 +136,7 @@ def test_bad_files_name_the_file_and_the_key(base, tmp_path):
         peft_format.load(params, tmp_path)
     with pytest.raises(ValueError, match=r"match no kernel of the parameters"):
         peft_format.load(params, tmp_path, names=lambda p: "elsewhere." + peft_format.module_name(p))
-    with pytest.raises(ValueError, match=r"PEFT's format is written here for one method of \['dora', 'hra', 'ia3', 'loha', 'lokr', 'lora', 'oft'\]"):
+    with pytest.raises(ValueError, match=r"PEFT's format is written here for one method of \['boft', 'dora', 'hra', 'ia3', 'loha', 'lokr', 'lora', 'oft'\]"):
         peft_format.save(jpeft.apply(params, "shoft", key=jax.random.key(0), r_u=2, r_v=2), tmp_path / "x")
     assert not os.path.exists(tmp_path / "x")
     with pytest.raises(ValueError, match=r"PEFT's OFT rotates the inputs without a scaling"):
