@@ -33,6 +33,8 @@ PyTree = Any
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+
+
 class Tensor(NamedTuple):
     """One trainable array: jpeft's name, PEFT's key suffix, and how PEFT shapes it."""
 
@@ -182,10 +184,10 @@ def _namer(names: Callable[[str], str] | Mapping[str, str] | None) -> Callable[[
 
 def check(adapted: PyTree) -> None:
     """Raise (ValueError) now if :func:`save` could not write ``adapted`` (e.g. before training)."""
-    _lora_nodes(adapted)
+    _exportable_nodes(adapted)
 
 
-def _lora_nodes(adapted: PyTree) -> dict[str, Node]:
+def _exportable_nodes(adapted: PyTree) -> dict[str, Node]:
     nodes = {p: x for p, x in core.leaves_with_paths(adapted) if core.is_node(x)}
     if not nodes:
         raise ValueError("the tree holds no jpeft node to export")
@@ -222,7 +224,7 @@ def _check_ia3_biases(tree: PyTree, nodes: dict) -> None:
 
 def save(adapted: PyTree, directory: str | os.PathLike, *, names=None, base_model_name_or_path: str | None = None) -> None:
     """Write ``adapted``'s nodes (one method of :data:`METHODS`) as PEFT 0.21 writes the same adapter."""
-    nodes = _lora_nodes(adapted)
+    nodes = _exportable_nodes(adapted)
     name = _namer(names)
     first = next(iter(nodes.values()))
     kind, tensor_spec, config_fields = METHODS[first.method]
