@@ -280,9 +280,9 @@ def run_jpeft(cfg: BenchConfig, method: str, route: str = "jpeft") -> dict:
     total = 1000  # the optimizer's (and AdaLoRA's budget schedule's) length
     tx = train.optimizer(train.TrainConfig(batch_size=cfg.batch, warmup_steps=10, compute_dtype=cfg.compute_dtype), total)
     # methods with training hooks (AdaLoRA's regularizer and rank budget) run them in the step, as jpeft.train does
-    hooks = train.method_hooks(jpeft.combine(trainable, frozen)) if route in ("jpeft", "wrap", "materialize") else {}
+    adapted = jpeft.combine(trainable, frozen) if route in ("jpeft", "wrap", "materialize") else {}
+    hooks = train.method_hooks(adapted)
     if hooks:
-        adapted = jpeft.combine(trainable, frozen)
         for h in hooks.values():
             adapted = h.prepare(adapted, total)
         trainable, frozen = jpeft.partition(adapted)
