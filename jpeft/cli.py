@@ -189,7 +189,7 @@ def cmd_export(args) -> None:
 
     _, params, _ = pipeline.load_model(args.model, jnp.float32, jnp.float32)
     adapted = checkpoint.load_adapter(args.adapter, params)
-    peft_format.save(adapted, args.peft, base_model_name_or_path=args.model)
+    peft_format.save(adapted, args.peft, base_model_name_or_path=args.model, base=params)
     print(f"wrote {args.peft}/{peft_format.ADAPTER_CONFIG} and {peft_format.ADAPTER_WEIGHTS}")
 
 
@@ -239,13 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--checkpoint-every", type=int, default=100)
     tr.add_argument("--log-every", type=int, default=10)
     tr.add_argument("--merged-out", default=None, help="also write the merged model in Hugging Face format here")
-    tr.add_argument("--peft-out", default=None, help="also write the adapter in HF PEFT's format here (LoRA, DoRA, HRA, LoHa, IA3, LoKr, OFT, BOFT)")
+    tr.add_argument("--peft-out", default=None, help="also write the adapter in HF PEFT's format here (LoRA, DoRA, LoKr, OFT, BOFT, HRA, LoHa, IA3, VeRA, AdaLoRA)")
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", formatter_class=fmt, help="multiple-choice accuracy of a model (zero-shot) or model + adapter")
     _add_run_options(ev)
     ev.add_argument("--adapter", default=None, help="an adapter directory written by jpeft train")
-    ev.add_argument("--peft-adapter", default=None, help="an adapter directory in HF PEFT's format (LoRA, DoRA, HRA, LoHa, IA3, LoKr, OFT, BOFT)")
+    ev.add_argument("--peft-adapter", default=None, help="an adapter directory in HF PEFT's format (LoRA, DoRA, LoKr, OFT, BOFT, HRA, LoHa, IA3, VeRA, AdaLoRA)")
     ev.set_defaults(func=cmd_eval)
 
     ex = sub.add_parser("export", formatter_class=fmt, help="rewrite a jpeft adapter in HF PEFT's format")

@@ -126,7 +126,7 @@ def finetune(cfg: RunConfig, run_dir: str, *, max_steps=None, stop_at=None, chec
     adapted = core.apply(params, cfg.method, key=jax.random.key(cfg.seed), targets=list(cfg.targets) if cfg.targets else None,
                          also_train=list(cfg.also_train) if cfg.also_train else None, **cfg.hparams)
     if peft_out:
-        peft_format.check(adapted)
+        peft_format.check(adapted, base=params)
     encoded = data.encode_pairs(training_pairs(cfg), tokenizer, cfg.train.max_length)
     # only now, with the model, the method and the data validated: a bad run leaves no directory
     os.makedirs(run_dir, exist_ok=True)
@@ -141,7 +141,7 @@ def finetune(cfg: RunConfig, run_dir: str, *, max_steps=None, stop_at=None, chec
     if merged_out:
         phi.save_pretrained(core.materialize(trained), hf_config, merged_out)
     if peft_out:
-        peft_format.save(trained, peft_out, base_model_name_or_path=cfg.model)
+        peft_format.save(trained, peft_out, base_model_name_or_path=cfg.model, base=params)
     return summary
 
 
