@@ -279,3 +279,33 @@ def test_names_missing_and_unexpected_tensors(base, tmp_path):
     (phi_dir / peft_format.ADAPTER_CONFIG).write_text(json.dumps({**cfg, "lora_dropout": 1.5}))
     with pytest.raises(ValueError, match=r"adapter_config.json: .*dropout"):
         peft_format.load(params, phi_dir)
+
+
+def test_boft_with_two_butterfly_factors_matches_peft_equations(base, tmp_path):
+    """PEFT builds more than one butterfly factor only with its CUDA extension (on CPU it resets
+    boft_n_butterfly_factor to 1). Reference: PEFT's own permutation and Cayley code on the file's
+    boft_R, each factor's block diagonal built as the extension builds it, in float64."""
+    path, _, params = base
+    adapted = perturb(jpeft.apply(params, "boft", key=jax.random.key(1), targets=r".*fc2/kernel", block_size=4,
+                                  n_butterfly=2), jax.random.key(2), 0.1)
+    peft_format.save(adapted, tmp_path)
+    assert json.loads((tmp_path / peft_format.ADAPTER_CONFIG).read_text())["boft_n_butterfly_factor"] == 2
+    weights = load_file(tmp_path / peft_format.ADAPTER_WEIGHTS)
+    layer = peft.get_peft_model(hf_model(path), peft.BOFTConfig(boft_block_size=4, target_modules=["fc2"])
+                                ).base_model.model.model.layers[0].mlp.fc2  # for its methods only
+    boft_r = torch.tensor(weights["base_model.model.model.layers.0.mlp.fc2.boft_R"], dtype=torch.float64)
+    boft_s = torch.tensor(weights["base_model.model.model.layers.0.mlp.fc2.boft_s"], dtype=torch.float64)
+    factors, blocks, size, _ = boft_r.shape
+    assert (factors, blocks, size) == (2, 16, 4)  # fc2's 64 inputs
+    rotation = torch.eye(64, dtype=torch.float64)
+    for i in range(factors):
+        perm = layer.perm2mat(layer.block_butterfly_perm(64, blocks // 2**i, size // 2, factors - 1)).double()
+        block_diagonal = torch.block_diag(*layer.cayley_batch(boft_r[i]))
+        rotation = perm @ block_diagonal @ perm.T @ rotation
+    weight = hf_model(path).model.layers[0].mlp.fc2.weight.detach().double()
+    merged = (rotation @ weight.T).T * boft_s
+    ours = jpeft.materialize(adapted)["model"]["layers_0"]["mlp"]["fc2"]["kernel"]
+    np.testing.assert_allclose(merged.numpy().T, ours, atol=1e-5)
+    back = peft_format.load(params, tmp_path)
+    np.testing.assert_array_equal(back["model"]["layers_0"]["mlp"]["fc2"]["kernel"].trainable["blocks"],
+                                  adapted["model"]["layers_0"]["mlp"]["fc2"]["kernel"].trainable["blocks"])
