@@ -201,15 +201,31 @@ def save_adapter(directory: str | os.PathLike, adapted: PyTree) -> None:
         json.dump({p: _describe(n) for p, n in nodes.items()}, f, indent=2)
 
 
+def read_adapter_files(directory: str | os.PathLike, config_name: str, weights_name: str) -> tuple[str, dict, str, dict]:
+    """``(config_path, config, weights_path, tensors)`` of an adapter directory (jpeft's or
+    PEFT's): a JSON object and a safetensors file, or a ValueError naming the file."""
+    config_path, weights_path = os.path.join(directory, config_name), os.path.join(directory, weights_name)
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_path}: not a readable adapter config ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: not a JSON object")
+    try:
+        tensors = load_file(weights_path)
+    except Exception as e:  # safetensors raises its own error types on a damaged file
+        raise ValueError(f"{weights_path}: not a readable safetensors file ({e})") from None
+    return config_path, config, weights_path, tensors
+
+
 def load_adapter(directory: str | os.PathLike, params: PyTree) -> PyTree:
     """Rebuild the adapted tree from ``params`` (the base model) and a saved adapter.
 
     Nodes take the dtype of the base leaves they are loaded onto; frozen arrays the base
     rebuilds are recomputed from it and checked against the saved vectors.
     """
-    with open(os.path.join(directory, ADAPTER_CONFIG)) as f:
-        described = json.load(f)
-    tensors = load_file(os.path.join(directory, ADAPTER_WEIGHTS))
+    _, described, _, tensors = read_adapter_files(directory, ADAPTER_CONFIG, ADAPTER_WEIGHTS)
     leaves = dict(core.leaves_with_paths(params))
 
     def node_for(path: str, base) -> Node:

@@ -29,9 +29,9 @@ from typing import Any, Callable, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
-from jpeft import core
+from jpeft import checkpoint, core
 from jpeft.methods import lora
 from jpeft.node import Node
 
@@ -387,27 +387,11 @@ _UNSUPPORTED = {"bias": "none", "lora_bias": False, "fan_in_fan_out": False, "mo
                 "alpha_pattern": {}, "layers_to_transform": None, "layer_replication": None, "target_parameters": None}
 
 
-def _read(directory: str | os.PathLike) -> tuple[str, dict, str, dict]:
-    config_path, weights_path = (os.path.join(directory, f) for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS))
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{config_path}: not a readable adapter config ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path}: not a JSON object")
-    try:
-        tensors = load_file(weights_path)
-    except Exception as e:  # safetensors raises its own error types on a damaged file
-        raise ValueError(f"{weights_path}: not a readable safetensors file ({e})") from None
-    return config_path, config, weights_path, tensors
-
-
 def load(params: PyTree, directory: str | os.PathLike, *, names: Names = None) -> PyTree:
     """``params`` adapted by the PEFT adapter in ``directory`` (written by PEFT or by
     :func:`save`; a method of :data:`METHODS`): nodes with the file's hyper-parameters and
     arrays. Anything jpeft cannot represent is a ValueError naming the file and the key."""
-    config_path, config, weights_path, tensors = _read(directory)
+    config_path, config, weights_path, tensors = checkpoint.read_adapter_files(directory, ADAPTER_CONFIG, ADAPTER_WEIGHTS)
     _refuse_on(config_path, config, {**_UNSUPPORTED, **({} if config.get("peft_type") == "ADALORA" else {"rank_pattern": {}})})
     name = _namer(names)
     by_module = {m: p for p, x in core.leaves_with_paths(params) if p.endswith("kernel") and (m := name(p))}

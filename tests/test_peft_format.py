@@ -199,6 +199,10 @@ def test_cli_train_peft_out_export_and_eval(tmp_path, capsys):
     assert e.value.code == 2 and "adapter_model.safetensors: missing tensors of modules ['model.layers.3.self_attn.v_proj']" in err
     assert not (tmp_path / "eval3").exists()
     with pytest.raises(SystemExit) as e:
+        cli.main(["export", "--model", "tiny", "--adapter", str(tmp_path / "nowhere"), "--peft", str(tmp_path / "p3")])
+    assert e.value.code == 2 and "nowhere/adapter_config.json: not a readable adapter config" in capsys.readouterr().err
+    assert not (tmp_path / "p3").exists()
+    with pytest.raises(SystemExit) as e:
         cli.main(["train", *args, "--method", "shoft", "--run-dir", str(tmp_path / "r2"), "--steps", "1",
                   "--peft-out", str(tmp_path / "p2")])
     assert e.value.code == 2 and "PEFT's format is written here for one method" in capsys.readouterr().err
