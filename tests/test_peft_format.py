@@ -87,6 +87,7 @@ PEFT_MADE = {
     # after PEFT's budget allocation: the file holds only the kept ranks, listed in rank_pattern
     "adalora_pruned": lambda t: peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=t),
     "pissa": lambda t: peft.LoraConfig(r=4, lora_alpha=8, target_modules=t, init_lora_weights="pissa"),
+    "olora": lambda t: peft.LoraConfig(r=4, lora_alpha=8, target_modules=t, init_lora_weights="olora"),
 }
 
 
