@@ -22,21 +22,26 @@ from jpeft.core import (
 )
 from jpeft.methods.base import Method
 from jpeft.wrap import wrap
-from jpeft.node import Node, is_node
+from jpeft.node import Node, Quantized, is_node, is_quantized
+from jpeft.quantized import dequantize, quantize
 
 __all__ = [
     "DEFAULT_TARGETS",
     "Method",
     "Node",
+    "Quantized",
     "apply",
     "combine",
     "count_params",
+    "dequantize",
     "is_node",
+    "is_quantized",
     "linear",
     "match_targets",
     "materialize",
     "methods",
     "partition",
+    "quantize",
     "register",
     "with_rank",
     "wrap",

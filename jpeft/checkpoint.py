@@ -152,7 +152,8 @@ def _rebuilt_frozen(path: str, d: dict, spec, config, base, layout: str, stored:
     if not names:
         return {}
     rebuilt = core.per_layer(
-        lambda i, matrix: {k: v for k, v in spec.frozen_from_base(matrix, config).items() if k in names}, base, layout
+        lambda i, matrix: {k: v for k, v in spec.frozen_from_base(matrix, config).items() if k in names},
+        core.plain_kernel(base), layout
     )
     depth = len(layout) - len(layout.lstrip("s"))
     rtol = _base_check_rtol(base.dtype, d["dtype"])
@@ -165,7 +166,7 @@ def _rebuilt_frozen(path: str, d: dict, spec, config, base, layout: str, stored:
                 f"more than the tolerance {rtol:g} (saved {np.asarray(saved).ravel()[:4].tolist()}..., "
                 f"rebuilt {np.asarray(rebuilt[name], np.float32).ravel()[:4].tolist()}...)"
             )
-    return rebuilt
+    return core.quantized_like(base, rebuilt)
 
 
 def _describe(node: Node) -> dict:
@@ -260,4 +261,4 @@ def load_adapter(directory: str | os.PathLike, params: PyTree) -> PyTree:
         p = core.path_str(path)
         return node_for(p, leaf) if p in described else leaf
 
-    return jax.tree_util.tree_map_with_path(convert, params, is_leaf=is_node)
+    return jax.tree_util.tree_map_with_path(convert, params, is_leaf=core.is_leaf)

@@ -11,7 +11,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from jpeft import train
+from jpeft import quant, train
 from jpeft.methods import BUILTIN
 from jpeft.models import phi
 
@@ -25,6 +25,7 @@ SET_HELP = "a method hyper-parameter, NAME=VALUE (one method in play) or METHOD.
 DTYPES = train.COMPUTE_DTYPES
 REMATS = tuple(phi.REMAT_POLICIES)
 NAMED_MODELS = tuple(phi.NAMED_CONFIGS)
+QUANT_KINDS = quant.KINDS
 
 
 class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -36,9 +37,11 @@ class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def abstract_model(name: str):
+def abstract_model(name: str, dtype=None):
     """Shapes of a named model's parameters (``jax.eval_shape``: nothing is allocated)."""
-    return phi.param_shapes(phi.make_model(phi.config(name)))
+    if dtype is None:
+        return phi.param_shapes(phi.make_model(phi.config(name)))
+    return jax.eval_shape(lambda k: phi.init(phi.config(name), k, dtype=dtype, param_dtype=dtype)[1], jax.random.key(0))
 
 
 def parse_hparams(items: list[str], methods, also=()) -> dict[str, dict]:
@@ -69,19 +72,23 @@ def parse_hparams(items: list[str], methods, also=()) -> dict[str, dict]:
     return out
 
 
-def print_counts(model: str, methods, targets=None, hparams=None, as_json: bool = False) -> None:
+def print_counts(model: str, methods, targets=None, hparams=None, as_json: bool = False, quantize: str | None = None,
+                 dtype: str | None = None) -> None:
     from jpeft import report
 
-    rows = report.count_table(abstract_model(model), methods, targets=targets, hparams=hparams)
+    abstract = abstract_model(model, None if dtype is None else jnp.dtype(dtype))
+    rows = report.count_table(abstract, methods, targets=targets, hparams=hparams, quantize=quantize)
     if as_json:
         print(json.dumps(rows, indent=2))
     else:
-        print(f"Parameter counts for {model} (targets: {targets or 'Q/K/V'}):\n")
-        print(report.format_table(rows))
+        base = f"; frozen base: {quantize} (every kernel but lm_head), the rest {dtype or 'float32'}" if quantize else ""
+        print(f"Parameter counts for {model} (targets: {targets or 'Q/K/V'}{base}):\n")
+        print(report.format_table(rows, frozen_bytes=bool(quantize or dtype)))
 
 
 def cmd_count(args) -> None:
-    print_counts(args.model, args.methods, args.targets, parse_hparams(args.set, args.methods), args.json)
+    print_counts(args.model, args.methods, args.targets, parse_hparams(args.set, args.methods), args.json,
+                 args.quantize, args.dtype)
 
 
 def cmd_demo(args) -> None:
@@ -154,7 +161,8 @@ def _run_config(args):
         model=args.model, method=args.method, hparams=hparams, targets=tuple(args.targets) if args.targets else None,
         also_train=tuple(args.also_train) if args.also_train else None,
         tasks=pipeline.parse_tasks(args.tasks), data_dir=args.data_dir, instructions=getattr(args, "instructions", None),
-        tokenizer=args.tokenizer, eval_split=args.split, limit=args.limit, seed=args.seed, train=tcfg,
+        tokenizer=args.tokenizer, eval_split=args.split, limit=args.limit, seed=args.seed, quantize=args.quantize,
+        train=tcfg,
     )
 
 
@@ -213,6 +221,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="compute dtype (frozen weights are stored in it too)")
     p.add_argument("--remat", default="none", choices=REMATS, help=REMAT_HELP)
+    p.add_argument("--quantize", default=None, choices=QUANT_KINDS,
+                   help="QLoRA: store the frozen kernels (all but lm_head) in 4 or 8 bits, under any method")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-dir", default=None)
 
@@ -229,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     count.add_argument("--targets", nargs="+", default=None, help="target regexes (default: Q/K/V)")
     count.add_argument("--set", action="append", default=[], metavar="METHOD.NAME=VALUE", help=SET_HELP)
     count.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    count.add_argument("--quantize", default=None, choices=QUANT_KINDS, help="quantize the frozen base first (QLoRA); "
+                       "adds the frozen memory columns")
+    count.add_argument("--dtype", default=None, choices=DTYPES, help="the parameters' dtype (default float32); adds "
+                       "the frozen memory columns")
     count.set_defaults(func=cmd_count)
 
     tr = sub.add_parser("train", formatter_class=fmt, help="fine-tune with a method, then evaluate (resumes from the run directory)")

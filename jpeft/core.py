@@ -20,7 +20,7 @@ import numpy as np
 
 from jpeft.methods import BUILTIN, Method
 from jpeft.methods.base import SHARED_KEY
-from jpeft.node import Node, is_node
+from jpeft.node import Node, Quantized, is_leaf, is_node, is_quantized
 
 Array = jax.Array
 PyTree = Any
@@ -44,7 +44,27 @@ def register(name: str, method: Method, *, overwrite: bool = False) -> None:
     methods[name] = method
 
 
+@dataclasses.dataclass(frozen=True)
+class _NoConfig:
+    def check(self, shape: tuple[int, int]) -> None:
+        pass
+
+
+#: the method name of a quantized kernel that no method adapts, as :func:`quantized_node`
+#: wraps it for ``jpeft.wrap``; not in the registry (nothing to train, not a PEFT method)
+QUANTIZED = "quantized"
+_QUANTIZED_METHOD = Method(
+    _NoConfig,
+    init=lambda key, kernel, config: ({}, {"kernel": kernel}),
+    materialize=lambda node: node.frozen["kernel"].astype(jnp.float32),
+    factored=lambda x, node, dropout_key=None: x @ node.frozen["kernel"].astype(x.dtype),
+    flops=lambda node, tokens: (0.0, 0.0),
+)
+
+
 def get_method(name: str) -> Method:
+    if name == QUANTIZED:
+        return _QUANTIZED_METHOD
     if name not in methods:
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(methods))}")
     return methods[name]
@@ -81,8 +101,8 @@ def path_str(path) -> str:
 
 
 def leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
-    """``(path, leaf)`` pairs, nodes counted as leaves."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)
+    """``(path, leaf)`` pairs, nodes and quantized kernels counted as leaves."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
     return [(path_str(p), leaf) for p, leaf in flat]
 
 
@@ -294,6 +314,10 @@ def _also_train_paths(params: PyTree, also_train, taken: list[str]) -> list[str]
     if also_train is None:
         return []
     paths = match_targets(params, also_train)
+    leaves = dict(leaves_with_paths(params))
+    quantized = [p for p in paths if is_quantized(leaves[p])]
+    if quantized:
+        raise ValueError(f"also_train matches quantized kernels, which stay frozen: {quantized[:10]}")
     clash = [p for p in paths if p in taken]
     if clash:
         raise ValueError(f"also_train matches leaves that are adaptation targets too: {clash[:10]}")
@@ -335,6 +359,50 @@ def per_layer(fn, kernel: Array, layout: str):
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs).reshape(stack + xs[0].shape), *results)
 
 
+def requantize(like: Quantized, array: Array) -> Quantized:
+    """``array`` (of ``like``'s shape) quantized as ``like`` is: kind, block size, double
+    quantization, one layer of its stack at a time."""
+    from jpeft import quant
+
+    depth = len(like.stack_shape)
+    layer = lambda x: quant.quantize_blocks(x, like.kind, like.block_size, like.double_quant)
+    for _ in range(depth):
+        layer = jax.vmap(layer)
+    return like.replace(parts=layer(jnp.asarray(array, like.dtype)))
+
+
+def plain_kernel(kernel: Array | Quantized) -> Array:
+    """The kernel as an array (a quantized one dequantized)."""
+    return kernel.dequantize() if is_quantized(kernel) else kernel
+
+
+def quantized_like(kernel: Array | Quantized, frozen: dict) -> dict:
+    """A method's frozen arrays for ``kernel``: over a quantized base, the ``residual`` (the
+    part of the base an init moved nowhere, PiSSA's/OLoRA's) is quantized like it, as QPiSSA
+    does; the other frozen arrays (singular vectors, indices) stay as they are."""
+    if not is_quantized(kernel) or "residual" not in frozen:
+        return frozen
+    return {**frozen, "residual": requantize(kernel, frozen["residual"])}
+
+
+def quantized_node(kernel: Quantized) -> Node:
+    """A quantized kernel no method adapts as a node with nothing to train (``jpeft.wrap``
+    runs it through :func:`linear` like an adapted one): 2-D layers as (in, out), layers of
+    other ranks with an empty layout (materialized where used)."""
+    layer = tuple(kernel.layer_shape)
+    depth = len(kernel.stack_shape)
+    layout = "s" * depth + "io" if len(layer) == 2 else ""
+    return Node(QUANTIZED, _NoConfig(), layer if layout else tuple(kernel.shape), np.dtype(kernel.dtype), {},
+                {"kernel": kernel}, layout=layout, kernel_shape=tuple(kernel.shape))
+
+
+def dequantized(node: Node) -> Node:
+    """``node`` with its quantized frozen arrays (a QLoRA base) dequantized."""
+    if not any(is_quantized(v) for v in node.frozen.values()):
+        return node
+    return node.replace(frozen={k: v.dequantize() if is_quantized(v) else v for k, v in node.frozen.items()})
+
+
 def _init_node(spec: Method, method: str, config, key: Array, kernel: Array, layout: str, shared: Any = None) -> Node:
     """One node for ``kernel``; layer ``l`` of a stacked kernel gets its own init with
     ``fold_in(key, l)``. A frozen ``kernel`` entry is the model's array itself, uncopied.
@@ -350,7 +418,8 @@ def _init_node(spec: Method, method: str, config, key: Array, kernel: Array, lay
         keeps_base.append("kernel" in frozen)
         return trainable, {k: v for k, v in frozen.items() if k != "kernel"}
 
-    trainable, frozen = per_layer(layer_init, kernel, layout)
+    trainable, frozen = per_layer(layer_init, plain_kernel(kernel), layout)
+    frozen = quantized_like(kernel, frozen)
     if keeps_base[0]:
         frozen = {"kernel": kernel, **frozen}
     return Node(method, config, matrix_shape(kernel.shape[depth:], layout[depth:]), np.dtype(kernel.dtype),
@@ -421,7 +490,7 @@ def apply(params: PyTree, method: str, *, key: Array, targets: str | Iterable[st
             return _init_node(spec, method, config, jax.random.fold_in(key, order[p]), leaf, layouts[p], shared)
         return full_node(leaf) if p in full else leaf
 
-    return jax.tree_util.tree_map_with_path(convert, params, is_leaf=is_node)
+    return jax.tree_util.tree_map_with_path(convert, params, is_leaf=is_leaf)
 
 
 def _ranked(node: Node, rank: int, where: str = "") -> Node:
@@ -457,7 +526,7 @@ def with_rank(adapted: PyTree, rank: int) -> PyTree:
         p = path_str(path)
         return _ranked(x, rank, p) if p in ranked else x
 
-    return jax.tree_util.tree_map_with_path(convert, adapted, is_leaf=is_node)
+    return jax.tree_util.tree_map_with_path(convert, adapted, is_leaf=is_leaf)
 
 
 def materialize_node(node: Node, rank: int | None = None) -> Array:
@@ -465,6 +534,7 @@ def materialize_node(node: Node, rank: int | None = None) -> Array:
     ``rank`` keeps the first ``rank`` ranks of a node that has an evaluation rank (DyLoRA)."""
     if rank is not None:
         node = _ranked(node, rank)
+    node = dequantized(node)
     spec = get_method(node.method)
     layer = lambda n: from_matrix(spec.materialize(matrix_view(n)).astype(n.dtype), n.layout, n.kernel_shape)
     return map_layers(layer, node)
@@ -472,14 +542,16 @@ def materialize_node(node: Node, rank: int | None = None) -> Array:
 
 def materialize(adapted: PyTree, rank: int | None = None) -> PyTree:
     """Plain kernels again: each node becomes ``W'`` in the layout and dtype of the kernel
-    it replaced (``full`` nodes their trained array).
+    it replaced (``full`` nodes their trained array), each quantized kernel its dequantized
+    array.
 
     ``rank``: the rank to keep in the nodes that have an evaluation rank (DyLoRA, trained
     for every rank up to its ``r``); other nodes materialize as usual. See :func:`with_rank`
     for the errors (a rank above a node's ``r``, a tree without such a node)."""
     if rank is not None:
         adapted = with_rank(adapted, rank)
-    return jax.tree_util.tree_map(lambda x: materialize_node(x) if is_node(x) else x, adapted, is_leaf=is_node)
+    plain = lambda x: materialize_node(x) if is_node(x) else x.dequantize() if is_quantized(x) else x
+    return jax.tree_util.tree_map(plain, adapted, is_leaf=is_leaf)
 
 
 def resolve_full(tree: PyTree) -> PyTree:
@@ -487,11 +559,11 @@ def resolve_full(tree: PyTree) -> PyTree:
     their arrays in the leaf's dtype, gradients flowing to them; other nodes stay. What a
     model that consumes kernel nodes itself (:mod:`jpeft.models.phi`) runs on."""
     full = lambda x: is_node(x) and x.method == "full"
-    return jax.tree_util.tree_map(lambda x: materialize_node(x) if full(x) else x, tree, is_leaf=is_node)
+    return jax.tree_util.tree_map(lambda x: materialize_node(x) if full(x) else x, tree, is_leaf=is_leaf)
 
 
 def _none_like(tree: PyTree) -> PyTree:
-    return jax.tree_util.tree_map(lambda _: None, tree)
+    return jax.tree_util.tree_map(lambda _: None, tree, is_leaf=is_quantized)
 
 
 def partition(adapted: PyTree) -> tuple[PyTree, PyTree]:
@@ -509,8 +581,8 @@ def partition(adapted: PyTree) -> tuple[PyTree, PyTree]:
             return leaf.replace(trainable=_none_like(leaf.trainable))
         return None if take_trainable else leaf
 
-    trainable = jax.tree_util.tree_map(lambda l: split(l, True), adapted, is_leaf=is_node)
-    frozen = jax.tree_util.tree_map(lambda l: split(l, False), adapted, is_leaf=is_node)
+    trainable = jax.tree_util.tree_map(lambda l: split(l, True), adapted, is_leaf=is_leaf)
+    frozen = jax.tree_util.tree_map(lambda l: split(l, False), adapted, is_leaf=is_leaf)
     return trainable, frozen
 
 
@@ -526,7 +598,7 @@ def _first_mismatch(trainable: PyTree, frozen: PyTree) -> str | None:
     """Where two trees that :func:`combine` should join first differ (nodes compared by
     method, config and shape), or ``None``."""
     def flat(tree):
-        leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None or is_node(x))
+        leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None or is_leaf(x))
         return [(path_str(p), x) for p, x in leaves]
 
     a, b = flat(trainable), flat(frozen)
@@ -567,27 +639,40 @@ def _size(x) -> int:
     return int(math.prod(x.shape)) if hasattr(x, "shape") else 0
 
 
+def _nbytes(x) -> int:
+    """Bytes of an array (or ``ShapeDtypeStruct``), or of a quantized kernel's parts."""
+    if is_quantized(x):
+        return x.nbytes
+    return _size(x) * np.dtype(x.dtype).itemsize if hasattr(x, "dtype") else 0
+
+
 def count_params(adapted: PyTree) -> dict:
-    """Parameter counts: ``trainable``, ``frozen``, ``total`` and one row per target.
+    """Parameter counts: ``trainable``, ``frozen``, ``total`` and one row per target, and
+    ``frozen_bytes``, the memory the frozen arrays take (a quantized kernel counts its
+    parameters in ``frozen`` and its codes and scales in ``frozen_bytes``).
 
     Works on ``jax.ShapeDtypeStruct`` leaves, so ``jax.eval_shape(lambda p: apply(p, ...),
     shapes)`` counts a full-size model without allocating it.
     """
     rows = {}
-    frozen_total = 0
+    frozen_total = frozen_bytes = 0
     for p, leaf in leaves_with_paths(adapted):
         if is_node(leaf):
             t = sum(_size(x) for x in jax.tree_util.tree_leaves(leaf.trainable))
-            f = sum(_size(x) for x in jax.tree_util.tree_leaves(leaf.frozen))
+            frozen = jax.tree_util.tree_leaves(leaf.frozen, is_leaf=is_quantized)
+            f = sum(_size(x) for x in frozen)
             rows[p] = {"method": leaf.method, "shape": leaf.kernel_shape, "layout": leaf.layout, "trainable": t, "frozen": f}
             frozen_total += f
+            frozen_bytes += sum(_nbytes(x) for x in frozen)
         else:
             frozen_total += _size(leaf)
+            frozen_bytes += _nbytes(leaf)
     trainable_total = sum(r["trainable"] for r in rows.values())
     return {
         "trainable": trainable_total,
         "frozen": frozen_total,
         "total": trainable_total + frozen_total,
+        "frozen_bytes": frozen_bytes,
         "targets": rows,
     }
 
@@ -613,6 +698,11 @@ def linear(x: Array, kernel: Array | Node, *, dropout_key: Array | None = None, 
     training-time randomness (dropout, DyLoRA's rank draw; factored path only, which
     ``"auto"`` then takes).
     """
+    if is_quantized(kernel) or (is_node(kernel) and dequantized(kernel) is not kernel):
+        # dequantize inside a remat region: the backward pass dequantizes again from the codes
+        # instead of keeping every layer's full-precision weight alive until it runs
+        plain = lambda x, k, key: linear(x, dequantized(k) if is_node(k) else k.dequantize(), dropout_key=key, path=path)
+        return jax.checkpoint(plain, policy=jax.checkpoint_policies.nothing_saveable)(x, kernel, dropout_key)
     if not is_node(kernel):
         return x @ kernel.astype(x.dtype)
     if path not in PATHS:

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import numpy as np
 
 Array = jax.Array
 
@@ -71,3 +72,76 @@ jax.tree_util.register_dataclass(
 
 def is_node(x: Any) -> bool:
     return isinstance(x, Node)
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantized:
+    """A frozen kernel stored quantized (QLoRA's 4-bit NormalFloat, FP4 or int8; see
+    :mod:`jpeft.quant`): packed codes and per-block scales in ``parts``, dequantized on use.
+
+    Each layer of a stacked kernel (``stack`` leading axes, layers stacked by ``nn.scan``)
+    is quantized on its own, so the parts carry the stacked axes in front and a ``scan``
+    or ``vmap`` slices them like any array. ``shape`` and ``ndim`` describe the kernel the
+    parts stand for now (a sliced stack has fewer leading axes); ``dtype`` is what it
+    dequantizes to.
+
+    Attributes:
+      parts: dict of arrays (``codes`` and the scales of :func:`jpeft.quant.quantize_blocks`),
+        each with the stacked axes in front of the flat per-layer array.
+      kind: ``"nf4"``, ``"fp4"`` or ``"int8"``.
+      layer_shape: the shape of one layer of the kernel as the model stores it.
+      dtype: the kernel's dtype before quantization.
+      block_size: elements per absmax block.
+    """
+
+    parts: dict[str, Array]
+    kind: str
+    layer_shape: tuple[int, ...]
+    dtype: Any
+    block_size: int
+
+    @property
+    def stack_shape(self) -> tuple[int, ...]:
+        return tuple(self.parts["codes"].shape[:-1])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.stack_shape + tuple(self.layer_shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def double_quant(self) -> bool:
+        return "absmax_codes" in self.parts
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in self.parts.values())
+
+    def dequantize(self) -> Array:
+        """The kernel as an array of ``shape`` and ``dtype`` (jit-able; under ``jit`` XLA
+        computes it where it is used and keeps no copy)."""
+        from jpeft import quant
+
+        layer = lambda parts: quant.dequantize_blocks(parts, self.kind, self.layer_shape, self.dtype, self.block_size)
+        for _ in self.stack_shape:
+            layer = jax.vmap(layer)
+        return layer(self.parts)
+
+    def replace(self, **changes: Any) -> "Quantized":
+        return dataclasses.replace(self, **changes)
+
+
+jax.tree_util.register_dataclass(Quantized, data_fields=["parts"],
+                                 meta_fields=["kind", "layer_shape", "dtype", "block_size"])
+
+
+def is_quantized(x: Any) -> bool:
+    return isinstance(x, Quantized)
+
+
+def is_leaf(x: Any) -> bool:
+    """What jpeft's tree functions treat as one leaf: arrays, nodes and quantized kernels."""
+    return isinstance(x, (Node, Quantized))

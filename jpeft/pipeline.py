@@ -39,21 +39,25 @@ class RunConfig:
     eval_split: str = "validation"
     limit: int | None = None
     seed: int = 0
+    quantize: str | None = None  # QLoRA: the frozen base in nf4 / fp4 / int8 (jpeft.quantize), None: as loaded
     train: train.TrainConfig = dataclasses.field(default_factory=train.TrainConfig)
 
 
-def load_model(name_or_path: str, dtype, param_dtype=None, seed: int = 0):
-    """``(model, params, hf_config)`` from a named configuration or a checkpoint."""
+def load_model(name_or_path: str, dtype, param_dtype=None, seed: int = 0, quantize: str | None = None):
+    """``(model, params, hf_config)`` from a named configuration or a checkpoint, its kernels
+    quantized (:func:`jpeft.quantize`'s default targets) with ``quantize``."""
+    from jpeft import quantized
+
     if name_or_path in phi.NAMED_CONFIGS:
         cfg = phi.config(name_or_path)
         model, params = phi.init(cfg, jax.random.key(seed), dtype=dtype, param_dtype=param_dtype)
-        return model, params, cfg
+        return model, (params if quantize is None else quantized.quantize(params, quantize)), cfg
     directory = name_or_path
     if not os.path.isdir(directory):
         from huggingface_hub import snapshot_download
 
         directory = snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt"])
-    model, params = phi.from_pretrained(directory, dtype=dtype, param_dtype=param_dtype)
+    model, params = phi.from_pretrained(directory, dtype=dtype, param_dtype=param_dtype, quantize=quantize)
     return model, params, phi.load_config(directory)
 
 
@@ -120,7 +124,7 @@ def finetune(cfg: RunConfig, run_dir: str, *, max_steps=None, stop_at=None, chec
     ``merged_out``: also the merged model in Hugging Face format; ``peft_out``: also the
     adapter in HF PEFT's format (:mod:`jpeft.peft_format`; checked before training)."""
     dtype = jnp.dtype(cfg.train.compute_dtype)
-    model, params, hf_config = load_model(cfg.model, dtype, dtype, cfg.seed)
+    model, params, hf_config = load_model(cfg.model, dtype, dtype, cfg.seed, cfg.quantize)
     model = model.clone(remat=cfg.train.remat)
     tokenizer = load_tokenizer(cfg)
     adapted = core.apply(params, cfg.method, key=jax.random.key(cfg.seed), targets=list(cfg.targets) if cfg.targets else None,
@@ -152,7 +156,7 @@ def zero_shot(cfg: RunConfig, run_dir: str | None = None, adapter: str | None = 
     if adapter and peft_adapter:
         raise ValueError("give a jpeft adapter or a PEFT adapter, not both")
     dtype = jnp.dtype(cfg.train.compute_dtype)
-    model, params, _ = load_model(cfg.model, dtype, dtype, cfg.seed)
+    model, params, _ = load_model(cfg.model, dtype, dtype, cfg.seed, cfg.quantize)
     if adapter:
         params = checkpoint.load_adapter(adapter, params)
     if peft_adapter:

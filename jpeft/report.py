@@ -17,16 +17,24 @@ def count_table(
     *,
     targets=None,
     hparams: dict[str, dict] | None = None,
+    quantize: str | None = None,
 ) -> list[dict]:
-    """One row per method: trainable, frozen and total counts of ``apply`` on shapes.
+    """One row per method: trainable, frozen and total counts of ``apply`` on shapes, and
+    the bytes of the frozen arrays.
 
     ``abstract_params`` is a tree of ``jax.ShapeDtypeStruct`` (e.g. from
     ``jax.eval_shape``); each method runs under ``jax.eval_shape`` so nothing is allocated.
-    ``hparams[method]`` overrides the method's defaults (the thesis' settings).
+    ``hparams[method]`` overrides the method's defaults (the thesis' settings); ``quantize``
+    (``"nf4"``, ...) quantizes the base first (:func:`jpeft.quantize`'s defaults: QLoRA).
     """
     hparams = hparams or {}
     base_total = sum(x.size for x in jax.tree_util.tree_leaves(abstract_params))
-    rows = [{"method": "full fine-tuning", "hparams": "", "trainable": base_total, "frozen": 0, "total": base_total}]
+    rows = [{"method": "full fine-tuning", "hparams": "", "trainable": base_total, "frozen": 0, "total": base_total,
+             "frozen_bytes": 0}]
+    if quantize is not None:
+        from jpeft import quantized
+
+        abstract_params = jax.eval_shape(lambda p: quantized.quantize(p, quantize), abstract_params)
     for method in methods:
         hp = hparams.get(method, {})
         adapted = jax.eval_shape(
@@ -41,6 +49,7 @@ def count_table(
                 "trainable": counts["trainable"],
                 "frozen": counts["frozen"],
                 "total": counts["total"],
+                "frozen_bytes": counts["frozen_bytes"],
                 "targets": len(counts["targets"]),
             }
         )
@@ -49,15 +58,19 @@ def count_table(
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    """A markdown table of :func:`count_table` rows."""
+def format_table(rows: list[dict], frozen_bytes: bool = False) -> str:
+    """A markdown table of :func:`count_table` rows (with ``frozen_bytes``: their frozen MiB
+    and bytes per frozen parameter)."""
+    extra = " frozen MiB | bytes / frozen param |" if frozen_bytes else ""
     lines = [
-        "| method | hyper-parameters | trainable | % of base | frozen | total |",
-        "|---|---|---:|---:|---:|---:|",
+        "| method | hyper-parameters | trainable | % of base | frozen | total |" + extra,
+        "|---|---|---:|---:|---:|---:|" + ("---:|---:|" if frozen_bytes else ""),
     ]
     for r in rows:
-        lines.append(
-            f"| {r['method']} | {r['hparams']} | {r['trainable']:,} | {r['trainable_pct']:.3f} | {r['frozen']:,} | {r['total']:,} |"
-        )
+        line = f"| {r['method']} | {r['hparams']} | {r['trainable']:,} | {r['trainable_pct']:.3f} | {r['frozen']:,} | {r['total']:,} |"
+        if frozen_bytes:
+            per_param = r["frozen_bytes"] / r["frozen"] if r["frozen"] else 0.0
+            line += f" {r['frozen_bytes'] / 2**20:,.1f} | {per_param:.3f} |"
+        lines.append(line)
     return "\n".join(lines)
 

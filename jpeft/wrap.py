@@ -45,7 +45,7 @@ from jax.extend import core as jcore
 from jax.extend.core import primitives as P
 
 from jpeft import core
-from jpeft.node import Node, is_node
+from jpeft.node import Node, is_node, is_quantized
 
 Array = jax.Array
 
@@ -90,8 +90,9 @@ def wrap(fn: Callable, *, dropout_key: Array | None = None) -> Callable:
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_node)
-        leaves = [core.fit_meta(x) if is_node(x) else x for x in leaves]
+        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=core.is_leaf)
+        # a quantized kernel no method adapts runs as a node too: dequantized where it is used
+        leaves = [core.fit_meta(x) if is_node(x) else core.quantized_node(x) if is_quantized(x) else x for x in leaves]
         dynamic = [i for i, x in enumerate(leaves) if is_node(x) or _is_array(x)]
         if not any(is_node(leaves[i]) for i in dynamic):
             return fn(*args, **kwargs)
@@ -111,7 +112,9 @@ def wrap(fn: Callable, *, dropout_key: Array | None = None) -> Callable:
         values, count = [], 0
         for i in dynamic:
             x = leaves[i]
-            if is_node(x):
+            if is_node(x) and x.method == core.QUANTIZED:
+                values.append(_Adapted(x, x.dtype, None))
+            elif is_node(x):
                 key = None if dropout_key is None else jax.random.fold_in(dropout_key, count)
                 values.append(_Adapted(x, x.dtype, key))
                 count += 1

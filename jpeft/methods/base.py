@@ -61,7 +61,9 @@ class Method(NamedTuple):
         step (AdaLoRA's regularizer and rank budget); ``jpeft.train`` runs them.
 
     A frozen entry named ``kernel`` must be the base kernel itself: ``jpeft.apply``
-    stores the model's own array there (any layout, a whole stack, never a copy).
+    stores the model's own array there (any layout, a whole stack, never a copy). One named
+    ``residual`` is a base-shaped remainder that replaces it (PiSSA's, OLoRA's): over a
+    quantized base (``jpeft.quantize``) it is stored quantized like the base.
     """
 
     config: type

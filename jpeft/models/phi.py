@@ -35,7 +35,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from transformers import PhiConfig
 
 from jpeft.core import linear, resolve_full, uses_dropout
-from jpeft.node import is_node
+from jpeft.node import is_node, is_quantized
 
 Array = jax.Array
 PyTree = Any
@@ -160,9 +160,10 @@ class Linear(nn.Module):
     def __call__(self, x: Array, deterministic: bool = True) -> Array:
         shape = (x.shape[-1], self.features)
         kernel = self.get_variable("params", "kernel")
-        if is_node(kernel):
+        if is_node(kernel) or is_quantized(kernel):
             if tuple(kernel.shape) != shape:
-                raise ValueError(f"{'/'.join(self.path)}/kernel: node of shape {kernel.shape}, the layer needs {shape}")
+                raise ValueError(f"{'/'.join(self.path)}/kernel: {'node' if is_node(kernel) else 'quantized kernel'} "
+                                 f"of shape {kernel.shape}, the layer needs {shape}")
         else:
             kernel = self.param("kernel", nn.initializers.normal(self.init_std), shape, self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
@@ -459,7 +460,8 @@ def _compare_names(where: str, wanted, found) -> None:
 
 
 def from_pretrained(path_or_hub_id: str | os.PathLike, dtype: DType = jnp.float32,
-                    param_dtype: DType | None = None) -> tuple[PhiForCausalLM, PyTree]:
+                    param_dtype: DType | None = None, *, quantize: str | None = None, block_size: int = 64,
+                    double_quant: bool | None = None) -> tuple[PhiForCausalLM, PyTree]:
     """Load a Hugging Face Phi checkpoint: a local directory, else a hub id (``snapshot_download``).
 
     Reads ``config.json`` and ``model.safetensors`` (or shards listed in
@@ -467,8 +469,14 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, dtype: DType = jnp.float3
     ``param_dtype`` (default ``dtype``) as it arrives and transposing Linear weights to
     (in, out) kernels; bf16 checkpoints work. A missing, unexpected or mis-shaped tensor
     is a ValueError naming it (and the expected and found shapes).
+
+    ``quantize`` (``"nf4"``, ``"fp4"``, ``"int8"``; see :func:`jpeft.quantize`, whose
+    default targets it takes: every kernel but ``lm_head``) quantizes each kernel as it is
+    read, so host memory peaks near the quantized model plus one tensor.
     """
     from safetensors import safe_open
+
+    from jpeft import quantized
 
     directory = os.fspath(path_or_hub_id)
     if not os.path.isdir(directory) and (os.path.exists(directory) or directory.startswith(("/", ".", "~"))):
@@ -479,6 +487,12 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, dtype: DType = jnp.float3
         directory = snapshot_download(directory, allow_patterns=["*.json", "*.safetensors"])
     model = make_model(directory, dtype, param_dtype)
     layout = _layout(model)
+    quantized_paths = set()
+    if quantize is not None:  # checked on the shapes, before any tensor is read
+        double_quant = quantize != "int8" if double_quant is None else double_quant
+        shapes = unflatten_dict({path: leaf for path, leaf, _ in layout.values()})
+        quantized_paths = {tuple(p.split("/")) for p in quantized.checked_targets(shapes, quantize, None, block_size,
+                                                                                  double_quant, None)}
     files = _checkpoint_files(directory)
     _compare_names(f"checkpoint {directory}", layout, files)
     by_file: dict[str, list[str]] = {}
@@ -495,6 +509,9 @@ def from_pretrained(path_or_hub_id: str | os.PathLike, dtype: DType = jnp.float3
                     raise ValueError(f"tensor {name} has shape {found}, expected {want}")
                 tensor = jnp.asarray(f.get_tensor(name), leaf.dtype)
                 flat[path] = tensor.T if transposed else tensor
+                if path in quantized_paths:
+                    flat[path] = quantized.quantize_kernel(flat[path], quantize, block_size=block_size,
+                                                           double_quant=double_quant)
     return model, unflatten_dict(flat)
 
 
@@ -506,9 +523,10 @@ def save_pretrained(params: PyTree, cfg: PhiConfig | dict | str, path: str | os.
     from safetensors.flax import save_file
 
     flat = flatten_dict(params)
-    nodes = ["/".join(p) for p, leaf in flat.items() if is_node(leaf)]
+    nodes = ["/".join(p) for p, leaf in flat.items() if is_node(leaf) or is_quantized(leaf)]
     if nodes:
-        raise ValueError(f"params still hold jpeft nodes at {nodes[:5]}; call jpeft.materialize(params) first")
+        raise ValueError(f"params still hold jpeft nodes or quantized kernels at {nodes[:5]}; call "
+                         "jpeft.materialize(params) first")
     cfg = copy.deepcopy(load_config(cfg))
     layout = _layout(make_model(cfg))
     names = {p: name for name, (p, _, _) in layout.items()}

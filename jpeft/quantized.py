@@ -1,0 +1,139 @@
+"""QLoRA's frozen base (Dettmers, Pagnoni, Holtzman & Zettlemoyer, "QLoRA: Efficient
+Finetuning of Quantized LLMs", NeurIPS 2023): kernels stored in 4 or 8 bits under any method.
+
+:func:`quantize` replaces each targeted kernel of a parameter tree by a
+:class:`~jpeft.node.Quantized` leaf (packed codes and per-block absmax scales, the kernels
+of :mod:`jpeft.quant`, bit-identical to bitsandbytes); :func:`dequantize` turns them back
+into arrays. Everything else composes: ``jpeft.apply`` adapts a quantized kernel with any
+method (its frozen ``kernel`` stays the quantized leaf; methods that read the weight at
+init, SVD or norms, read it dequantized; a frozen array of the kernel's shape, PiSSA's
+residual, is quantized like it), ``jpeft.linear``/``wrap``/the Phi port dequantize inside
+the step, in a remat region so the backward pass dequantizes again instead of keeping a
+full-precision copy, ``partition`` keeps quantized leaves frozen, ``materialize`` returns
+dequantized base plus update in the kernel's dtype, and ``count_params`` reports
+``frozen_bytes``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft import core, quant
+from jpeft.node import Quantized, is_leaf, is_node, is_quantized
+
+PyTree = Any
+
+#: every kernel but the output head (embeddings are ``embedding`` leaves, not kernels)
+DEFAULT_TARGETS = r"(?!(.*/)?lm_head/).*kernel"
+
+
+def quantize_kernel(kernel: jax.Array, kind: str = "nf4", *, block_size: int = 64, double_quant: bool = True,
+                    stack: int = 0) -> Quantized:
+    """One kernel quantized, each of its ``stack`` leading (stacked) axes' layers on its own."""
+    layer = lambda x: quant.quantize_blocks(x, kind, block_size, double_quant)
+    for _ in range(stack):
+        layer = jax.vmap(layer)
+    return Quantized(parts=layer(kernel), kind=kind, layer_shape=tuple(kernel.shape[stack:]),
+                     dtype=np.dtype(kernel.dtype), block_size=block_size)
+
+
+def _check(kind, block_size, double_quant) -> None:
+    if kind not in quant.KINDS:
+        raise ValueError(f"kind must be one of {quant.KINDS}, got {kind!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 2:
+        raise ValueError(f"block_size must be an integer >= 2, got {block_size!r}")
+    if not isinstance(double_quant, bool):
+        raise ValueError(f"double_quant must be True or False, got {double_quant!r}")
+
+
+def _targets(params: PyTree, targets: str | Iterable[str] | None) -> list[str]:
+    leaves = core.leaves_with_paths(params)
+    if targets is not None:
+        patterns = core._patterns(targets)
+        for p, x in leaves:
+            if is_node(x) and any(re.fullmatch(t, p) for t in patterns):
+                raise ValueError(f"quantize: {p!r} is adapted ({x.method}); quantize the base first, then jpeft.apply")
+        return core.match_targets(params, targets)
+    # by default 2-D kernels only: others need a layout to say which axes are stacked layers
+    return [p for p, x in leaves if re.fullmatch(DEFAULT_TARGETS, p) and (is_leaf(x) or np.ndim(x) == 2)]
+
+
+def checked_targets(params: PyTree, kind: str, targets, block_size: int, double_quant: bool,
+                    layout) -> dict[str, int]:
+    """The paths :func:`quantize` would quantize, each with its number of stacked axes, after
+    every check (works on ``ShapeDtypeStruct`` leaves)."""
+    _check(kind, block_size, double_quant)
+    chosen = _targets(params, targets)
+    if not chosen:
+        raise ValueError("quantize: no kernel to quantize (default targets: every 2-D kernel but lm_head); pass targets=")
+    leaves = dict(core.leaves_with_paths(params))
+    stacks = {}
+    for p in chosen:
+        leaf = leaves[p]
+        if is_node(leaf):
+            raise ValueError(f"quantize: {p!r} is adapted ({leaf.method}); quantize the base first, then jpeft.apply")
+        if is_quantized(leaf):
+            raise ValueError(f"quantize: {p!r} is already quantized ({leaf.kind}, block {leaf.block_size})")
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise TypeError(f"quantize: {p!r} has dtype {leaf.dtype}; only floating-point kernels are quantized")
+        lay = core.resolve_layout(p, tuple(leaf.shape), layout)
+        stacks[p] = core.stack_depth(lay)
+        layer_size = int(np.prod(leaf.shape[stacks[p]:]))
+        if layer_size % block_size:
+            raise ValueError(f"quantize: block_size={block_size} does not divide the {layer_size} elements of {p!r} "
+                             f"(shape {tuple(leaf.shape)}); pick a block size dividing every targeted layer")
+    try:
+        quant.frozen_bytes(block_size, kind, block_size, double_quant)  # the kernels' own checks (e.g. int8 + double_quant)
+    except ValueError as e:
+        raise ValueError(f"quantize: {e}") from None
+
+    return stacks
+
+
+def quantize(params: PyTree, kind: str = "nf4", *, targets: str | Iterable[str] | None = None, block_size: int = 64,
+             double_quant: bool | None = None, layout: str | dict[str, str] | None = None) -> PyTree:
+    """``params`` with every targeted kernel quantized (a :class:`~jpeft.node.Quantized` leaf).
+
+    Args:
+      params: a Flax parameter pytree (linen params or NNX state), not yet adapted.
+      kind: ``"nf4"`` (QLoRA's 4-bit NormalFloat), ``"fp4"`` or ``"int8"`` (absmax per block).
+      targets: regexes over whole paths as in ``jpeft.apply``; ``None``: every 2-D kernel
+        but the output head (``lm_head``) -- embeddings are not kernels.
+      block_size: elements per absmax block (64 in QLoRA); must divide each layer's size.
+      double_quant: quantize the absmax values to 8 bits per 256 blocks (QLoRA's double
+        quantization, bitsandbytes' ``compress_statistics``): 0.127 instead of 0.5 bits per
+        parameter of scales at block 64. ``None``: on for the 4-bit kinds, off for ``int8``
+        (which has none).
+      layout: as in ``jpeft.apply``; only its leading ``s`` (stacked layers) matters: each
+        layer of a stacked kernel is quantized on its own, so a ``scan`` slices it.
+
+    Errors (ValueError/TypeError naming the path and the value), before anything is
+    quantized: an unknown kind, a block size that does not divide a kernel's layers, an
+    adapted (node) or already quantized leaf, an integer kernel.
+    """
+    if double_quant is None:
+        double_quant = kind != "int8"
+    stacks = checked_targets(params, kind, targets, block_size, double_quant, layout)
+
+    def convert(path, leaf):
+        p = core.path_str(path)
+        if p not in stacks:
+            return leaf
+        return quantize_kernel(leaf, kind, block_size=block_size, double_quant=double_quant, stack=stacks[p])
+
+    return jax.tree_util.tree_map_with_path(convert, params, is_leaf=is_leaf)
+
+
+def dequantize(tree: PyTree) -> PyTree:
+    """``tree`` with every quantized kernel an array again (of its dtype), in nodes too."""
+    def plain(x):
+        if is_quantized(x):
+            return x.dequantize()
+        return core.dequantized(x) if is_node(x) else x
+
+    return jax.tree_util.tree_map(plain, tree, is_leaf=is_leaf)

@@ -1,0 +1,159 @@
+"""QLoRA: a quantized frozen base under every method (jpeft.quantize, jpeft.apply, wrap,
+the Phi port, checkpoints, counts). The kernels themselves (bit-exact with bitsandbytes) are
+tested in tests/test_quant.py."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import print_saved_residuals
+import numpy as np
+import pytest
+
+import jpeft
+from jpeft import checkpoint
+from jpeft.models import phi
+from conftest import METHODS, SMALL_HPARAMS, perturb, rel_err
+
+TARGETS = r".*(q_proj|fc1)/kernel"
+X = jax.random.normal(jax.random.key(7), (6, 32))
+
+
+@pytest.fixture(scope="module")
+def qparams(params):
+    return jpeft.quantize(params, "nf4")
+
+
+def mlp(p, x):
+    """Uses q_proj and fc1 (adapted) and k_proj (quantized, not adapted) of layer 0."""
+    layer = p["model"]["layers_0"]
+    h = jnp.tanh(x @ layer["self_attn"]["q_proj"]["kernel"] + x @ layer["self_attn"]["k_proj"]["kernel"])
+    return jnp.sin(h @ layer["mlp"]["fc1"]["kernel"])
+
+
+def test_quantize_replaces_every_kernel_and_dequantize_inverts_it(params, qparams):
+    leaves = dict(jpeft.core.leaves_with_paths(qparams))
+    kernels = [p for p in leaves if p.endswith("kernel")]
+    assert len(kernels) == 12 and all(jpeft.is_quantized(leaves[p]) for p in kernels)
+    assert not any(jpeft.is_quantized(x) for p, x in leaves.items() if not p.endswith("kernel"))
+    q = leaves["model/layers_0/mlp/fc1/kernel"]
+    assert q.shape == (32, 64) and q.parts["codes"].dtype == jnp.uint8 and q.parts["codes"].shape == (32 * 64 // 2,)
+    back = jpeft.dequantize(qparams)
+    k, kq = params["model"]["layers_0"]["mlp"]["fc1"]["kernel"], back["model"]["layers_0"]["mlp"]["fc1"]["kernel"]
+    assert kq.dtype == k.dtype and 0 < rel_err(kq, k) < 0.15  # 4 bits: close, not equal
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(params)
+    counts = jpeft.count_params(qparams)
+    assert counts["frozen"] == jpeft.count_params(params)["frozen"]  # parameters, not codes
+    assert counts["frozen_bytes"] < 0.3 * jpeft.count_params(params)["frozen_bytes"]
+
+
+@pytest.mark.parametrize("method", METHODS + ["lora-pissa"])
+def test_every_method_over_a_quantized_base_equals_the_dequantized_base(params, qparams, method):
+    """Outputs and gradients through jpeft.wrap (adapted and unadapted quantized kernels) and
+    jpeft.linear over the quantized base = those over its dequantized arrays (<= 1e-5
+    relative); apply reads the dequantized weight (the same init as on jpeft.dequantize(qparams))."""
+    name, hp = ("lora", dict(SMALL_HPARAMS["lora"], init="pissa")) if method == "lora-pissa" else (method, SMALL_HPARAMS[method])
+    adapted = jpeft.apply(qparams, name, key=jax.random.key(1), targets=TARGETS, **hp)
+    node = adapted["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    frozen_quantized = [k for k, v in node.frozen.items() if jpeft.is_quantized(v)]
+    assert frozen_quantized == (["residual"] if method == "lora-pissa" else ["kernel"] if "kernel" in node.frozen else [])
+    on_plain = jpeft.apply(jpeft.dequantize(qparams), name, key=jax.random.key(1), targets=TARGETS, **hp)
+    for a, b in zip(jax.tree_util.tree_leaves(jpeft.partition(adapted)[0]), jax.tree_util.tree_leaves(jpeft.partition(on_plain)[0])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    adapted = perturb(adapted, jax.random.key(2))
+    reference = jpeft.dequantize(adapted)
+    trainable, frozen = jpeft.partition(adapted)
+    frozen_ref = jpeft.partition(reference)[1]
+
+    def losses(t):
+        wrapped = jnp.sum(jpeft.wrap(mlp)(jpeft.combine(t, frozen), X) ** 2)
+        wrapped_ref = jnp.sum(jpeft.wrap(mlp)(jpeft.combine(t, frozen_ref), X) ** 2)
+        fc1 = lambda f: jpeft.combine(t, f)["model"]["layers_1"]["mlp"]["fc1"]["kernel"]
+        direct = jnp.sum(jnp.cos(jpeft.linear(X, fc1(frozen))))
+        direct_ref = jnp.sum(jnp.cos(jpeft.linear(X, fc1(frozen_ref))))
+        return jnp.stack([wrapped, direct]), jnp.stack([wrapped_ref, direct_ref])
+
+    (ours, ref), vjp = jax.vjp(losses, trainable)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5)
+    grads, grads_ref = vjp((jnp.ones(2), jnp.zeros(2))), vjp((jnp.zeros(2), jnp.ones(2)))
+    for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_ref)):
+        assert rel_err(a, b) <= 1e-5 or float(jnp.abs(b).max()) == 0.0
+    merged = jpeft.materialize(adapted)["model"]["layers_0"]["mlp"]["fc1"]["kernel"]
+    np.testing.assert_allclose(merged, jpeft.materialize(reference)["model"]["layers_0"]["mlp"]["fc1"]["kernel"], atol=1e-6)
+    assert not any(jpeft.is_quantized(x) for x in jax.tree_util.tree_leaves(jpeft.materialize(adapted), is_leaf=jpeft.is_quantized))
+
+
+def test_the_backward_pass_keeps_no_dequantized_weight(qparams, capsys):
+    """The dequantization runs in a remat region: the residuals saved for the backward pass
+    are the codes and the activations, never a full-precision (in, out) weight."""
+    adapted = jpeft.apply(qparams, "lora", key=jax.random.key(1), targets=TARGETS, r=4)
+    trainable, frozen = jpeft.partition(adapted)
+    capsys.readouterr()
+    print_saved_residuals(lambda t: jnp.sum(jpeft.wrap(mlp)(jpeft.combine(t, frozen), X) ** 2), trainable)
+    saved = capsys.readouterr().out
+    assert "f32[6,32]" in saved and "f32[32,32]" not in saved and "f32[32,64]" not in saved, saved
+
+
+def test_phi_port_and_scan_over_quantized_kernels(tmp_path):
+    model, params = phi.init(phi.config("tiny"), jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(1), (2, 7), 0, 1024)
+    qparams = jpeft.quantize(params, "nf4")
+    assert not jpeft.is_quantized(qparams["lm_head"]["kernel"])  # the output head stays
+    adapted = perturb(jpeft.apply(qparams, "lora", key=jax.random.key(2), r=4), jax.random.key(3))
+    logits = model.apply({"params": adapted}, ids)
+    np.testing.assert_allclose(logits, model.apply({"params": jpeft.dequantize(adapted)}, ids), rtol=1e-5, atol=1e-5)
+    # adapters hold no quantized base; they load back onto the quantized model
+    checkpoint.save_adapter(tmp_path / "adapter", adapted)
+    from safetensors.numpy import load_file
+
+    assert all("::trainable::" in k for k in load_file(tmp_path / "adapter" / checkpoint.ADAPTER_WEIGHTS))
+    back = checkpoint.load_adapter(tmp_path / "adapter", qparams)
+    np.testing.assert_array_equal(model.apply({"params": back}, ids), logits)
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, h, _):
+            return jnp.tanh(nn.Dense(64)(h)), None
+
+    stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)()
+    x = jax.random.normal(jax.random.key(4), (2, 64))
+    sparams = stack.init(jax.random.key(5), x, None)["params"]
+    sq = jpeft.quantize(sparams, "nf4", targets=r".*kernel", layout="sio")
+    assert sq["Dense_0"]["kernel"].parts["codes"].shape == (3, 64 * 64 // 2)
+    fn = lambda p, x: stack.apply({"params": p}, x, None)[0]
+    out = jpeft.wrap(fn)(sq, x)
+    np.testing.assert_allclose(out, fn(jpeft.dequantize(sq), x), rtol=1e-5, atol=1e-6)
+    sa = perturb(jpeft.apply(sq, "lora", key=jax.random.key(6), targets=r".*kernel", layout="sio", r=2), jax.random.key(7))
+    np.testing.assert_allclose(jpeft.wrap(fn)(sa, x), jpeft.wrap(fn)(jpeft.dequantize(sa), x), rtol=1e-5, atol=1e-6)
+
+
+def test_phi15_frozen_bytes_from_shapes():
+    """NF4 with double quantization: <= 0.53 bytes per quantized parameter; the bf16 model
+    2 bytes per parameter (jax.eval_shape: nothing is allocated)."""
+    shapes = jax.eval_shape(lambda k: phi.init(phi.config("phi-1.5"), k, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)[1],
+                            jax.random.key(0))
+    dense = jpeft.count_params(shapes)
+    assert dense["frozen"] == 1_418_270_720 and dense["frozen_bytes"] == 2 * dense["frozen"]
+    quantized = jax.eval_shape(lambda p: jpeft.quantize(p, "nf4"), shapes)
+    q_leaves = [x for x in jax.tree_util.tree_leaves(quantized, is_leaf=jpeft.is_quantized) if jpeft.is_quantized(x)]
+    q_params = sum(int(np.prod(x.shape)) for x in q_leaves)
+    assert len(q_leaves) == 24 * 6 and q_params == 24 * (4 * 2048 * 2048 + 2 * 2048 * 8192)
+    assert sum(x.nbytes for x in q_leaves) / q_params <= 0.53
+    counts = jpeft.count_params(quantized)
+    assert counts["frozen"] == dense["frozen"]
+    assert counts["frozen_bytes"] == sum(x.nbytes for x in q_leaves) + 2 * (dense["frozen"] - q_params)
+
+
+def test_bad_input_is_named(params, qparams):
+    with pytest.raises(ValueError, match=r"kind must be one of \('nf4', 'fp4', 'int8'\), got 'nf3'"):
+        jpeft.quantize(params, "nf3")
+    with pytest.raises(ValueError, match=r"block_size=48 does not divide the 2048 elements of 'model/layers_0/mlp/fc1/kernel' \(shape \(32, 64\)\)"):
+        jpeft.quantize(params, "nf4", block_size=48)
+    with pytest.raises(ValueError, match=r"'model/layers_0/mlp/fc1/kernel' is already quantized \(nf4, block 64\)"):
+        jpeft.quantize(qparams, "nf4")
+    adapted = jpeft.apply(params, "lora", key=jax.random.key(0), r=2)
+    with pytest.raises(ValueError, match=r"'model/layers_0/self_attn/k_proj/kernel' is adapted \(lora\); quantize the base first"):
+        jpeft.quantize(adapted, "nf4", targets=r".*k_proj/kernel")
+    with pytest.raises(TypeError, match=r"'ids' has dtype int32"):
+        jpeft.quantize({"ids": jnp.zeros((64, 64), jnp.int32)}, "nf4", targets="ids")
+    with pytest.raises(ValueError, match=r"also_train matches quantized kernels"):
+        jpeft.apply(qparams, "lora", key=jax.random.key(0), also_train=r".*fc2/kernel")
