@@ -63,6 +63,7 @@ class BenchConfig:
     peak_tflops: float | None = None  # overrides PEAK_FLOPS for MFU
     remat: str = "none"  # jpeft.models.phi.REMAT_POLICIES
     profile_dir: str | None = None  # if set, PROFILE_STEPS more steps per run are traced there (trace_path)
+    quantize: str | None = None  # also each method over the base quantized so (QLoRA: nf4, fp4, int8), impl "jpeft-nf4"
 
     def __post_init__(self):
         for name in ("batch", "seq_len", "steps"):
@@ -84,6 +85,13 @@ class BenchConfig:
         if self.model not in phi.NAMED_CONFIGS and self.model not in flax_models:
             raise ValueError(f"model must be one of {sorted(phi.NAMED_CONFIGS)} (the Phi port) or {flax_models} "
                              f"(a decoder of stock flax modules at that size), got {self.model!r}")
+        if self.quantize is not None:
+            from jpeft import quant
+
+            if self.quantize not in quant.KINDS:
+                raise ValueError(f"quantize must be one of {quant.KINDS}, got {self.quantize!r}")
+            if is_flax_model(self.model):
+                raise ValueError(f"quantize compares the Phi port's steps, not {self.model!r}'s")
         if is_flax_model(self.model) and self.remat != "none":
             raise ValueError(f"remat applies to the Phi port only, not to {self.model!r}")
         if is_flax_model(self.model) and self.targets and "lora" in self.methods:
@@ -129,7 +137,9 @@ def compiled_analysis(compiled) -> dict:
         estimate = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
                     + mem.temp_size_in_bytes) / 2**30
     return {"xla_tflop_per_step": cost["flops"] / 1e12 if cost and "flops" in cost else None,
-            "memory_estimate_gib": estimate}
+            "memory_estimate_gib": estimate,
+            "argument_gib": mem.argument_size_in_bytes / 2**30 if mem is not None else None,
+            "temp_gib": mem.temp_size_in_bytes / 2**30 if mem is not None else None}
 
 
 def trace_path(cfg: BenchConfig, impl: str, method: str) -> str:
@@ -163,8 +173,9 @@ def timing_fields(times: list[float], tokens: int, flops: float, peak: float | N
     }
 
 
-def _phi_step(cfg: BenchConfig, method: str):
-    """Phi with ``method`` on its own ``jpeft.linear`` path: ``(loss, trainable, frozen, trainable count, config)``."""
+def _phi_step(cfg: BenchConfig, method: str, quantize: str | None = None):
+    """Phi with ``method`` on its own ``jpeft.linear`` path, over a base quantized with
+    ``quantize`` if given: ``(loss, trainable, frozen, trainable count, config)``."""
     import jax
     import jax.numpy as jnp
 
@@ -178,6 +189,7 @@ def _phi_step(cfg: BenchConfig, method: str):
 
     def build(key):
         params = model.init(key, jnp.zeros((1, 1), jnp.int32))["params"]
+        params = params if quantize is None else jpeft.quantize(params, quantize)
         return jpeft.apply(params, method, key=jax.random.fold_in(key, 1), targets=targets, **cfg.hparams.get(method, {}))
 
     # compile_only: shapes alone (jax.eval_shape), so a full-size model compiles on a laptop
@@ -276,11 +288,14 @@ def run_jpeft(cfg: BenchConfig, method: str, route: str = "jpeft") -> dict:
     import jpeft
     from jpeft import train
 
-    loss, trainable, frozen, n_trainable, config = _phi_step(cfg, method) if route == "jpeft" else _flax_step(cfg, route, method)
+    if route.startswith("jpeft"):  # "jpeft" or "jpeft-nf4": the Phi port, the base quantized in the latter
+        loss, trainable, frozen, n_trainable, config = _phi_step(cfg, method, route.partition("-")[2] or None)
+    else:
+        loss, trainable, frozen, n_trainable, config = _flax_step(cfg, route, method)
     total = 1000  # the optimizer's (and AdaLoRA's budget schedule's) length
     tx = train.optimizer(train.TrainConfig(batch_size=cfg.batch, warmup_steps=10, compute_dtype=cfg.compute_dtype), total)
     # methods with training hooks (AdaLoRA's regularizer and rank budget) run them in the step, as jpeft.train does
-    adapted = jpeft.combine(trainable, frozen) if route in ("jpeft", "wrap", "materialize") else {}
+    adapted = jpeft.combine(trainable, frozen) if route.startswith("jpeft") or route in ("wrap", "materialize") else {}
     hooks = train.method_hooks(adapted)
     if hooks:
         for h in hooks.values():
@@ -452,6 +467,8 @@ def jobs(cfg: BenchConfig, peft: bool, peft_modes: tuple[str, ...]) -> list[tupl
             out += [("materialize", "lora"), ("qwix", "lora")]
         return out + [("full", "full")]
     out = [("jpeft", m) for m in cfg.methods]
+    if cfg.quantize:
+        out += [(f"jpeft-{cfg.quantize}", m) for m in cfg.methods]
     if peft:
         if cfg.compile_only:
             raise ValueError("--peft times HF PEFT and cannot be combined with compile_only")
@@ -603,6 +620,7 @@ def plot(results: list[dict], cfg: BenchConfig, meta: dict, path: str) -> None:
                             else ("step_ms", "median step time (ms)"))
     colors = {"jpeft": "tab:blue", "wrap": "tab:blue", "peft-eager": "tab:gray", "peft-compiled": "tab:orange",
               "materialize": "tab:red", "qwix": "tab:green", "full": "tab:purple"}
+    colors.update({f"jpeft-{kind}": "tab:cyan" for kind in ("nf4", "fp4", "int8")})  # a quantized base
     labels = [f"{r['method']}\n{r['impl']}" for r in ok]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.2 * len(ok)), 4))
     memory = [r.get("peak_memory_gib") or r.get("memory_estimate_gib") or 0 for r in ok]

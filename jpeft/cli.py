@@ -84,6 +84,12 @@ def print_counts(model: str, methods, targets=None, hparams=None, as_json: bool 
         base = f"; frozen base: {quantize} (every kernel but lm_head), the rest {dtype or 'float32'}" if quantize else ""
         print(f"Parameter counts for {model} (targets: {targets or 'Q/K/V'}{base}):\n")
         print(report.format_table(rows, frozen_bytes=bool(quantize or dtype)))
+        if quantize:
+            m = report.quantized_memory(abstract, quantize)
+            print(f"\nquantized kernels: {m['quantized_params']:,} parameters in {m['quantized_bytes'] / 2**20:,.1f} MiB "
+                  f"({m['quantized_bytes'] / m['quantized_params']:.3f} bytes each); other frozen leaves: "
+                  f"{m['other_params']:,} in {m['other_bytes'] / 2**20:,.1f} MiB "
+                  f"({m['other_bytes'] / m['other_params']:.3f} bytes each)")
 
 
 def cmd_count(args) -> None:
@@ -137,7 +143,7 @@ def cmd_bench(args) -> None:
         targets=tuple(args.targets) if args.targets else None, compute_dtype=args.dtype,
         param_dtype=args.param_dtype, warmup=args.warmup, steps=args.steps, hparams=parse_hparams(args.set, args.methods, ('hra',)),
         compile_only=args.compile_only, peak_tflops=args.peak_tflops, remat=args.remat,
-        profile_dir=os.path.join(args.out, "profile") if args.profile else None,
+        profile_dir=os.path.join(args.out, "profile") if args.profile else None, quantize=args.quantize,
     )
     what = "Compiling (no timing)" if cfg.compile_only else "Benchmarking"
     print(f"{what} {len(cfg.methods)} method(s) on {cfg.model}, batch {cfg.batch} x {cfg.seq_len}:")
@@ -289,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="compile at abstract shapes and report XLA's FLOP and memory, without running (works on CPU at full size)")
     bench.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak for MFU (default: by device name)")
     bench.add_argument("--remat", default="none", choices=REMATS, help=REMAT_HELP)
+    bench.add_argument("--quantize", default=None, choices=QUANT_KINDS,
+                       help="also run each method over the base quantized so (QLoRA), next to the --param-dtype base")
     bench.add_argument("--profile", action="store_true",
                        help="also trace a few steps of each run into OUT/profile/<impl>-<method>.trace.json.gz (open in Perfetto)")
     bench.add_argument("--timeout", type=float, default=1800, help="seconds allowed per job")

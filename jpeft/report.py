@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 import jax
@@ -74,3 +75,18 @@ def format_table(rows: list[dict], frozen_bytes: bool = False) -> str:
         lines.append(line)
     return "\n".join(lines)
 
+
+def quantized_memory(abstract_params: PyTree, quantize: str) -> dict:
+    """Bytes of the base quantized with ``quantize`` (shapes only): ``quantized_params`` /
+    ``quantized_bytes`` (codes and scales) and ``other_params`` / ``other_bytes`` (the
+    leaves left as they are: embeddings, norms, biases, the output head)."""
+    from jpeft import quantized
+    from jpeft.node import is_quantized
+
+    tree = jax.eval_shape(lambda p: quantized.quantize(p, quantize), abstract_params)
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=is_quantized)
+    q = [x for x in leaves if is_quantized(x)]
+    rest = [x for x in leaves if not is_quantized(x)]
+    return {"quantized_params": sum(math.prod(x.shape) for x in q), "quantized_bytes": sum(x.nbytes for x in q),
+            "other_params": sum(math.prod(x.shape) for x in rest),
+            "other_bytes": sum(math.prod(x.shape) * x.dtype.itemsize for x in rest)}

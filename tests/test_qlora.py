@@ -157,3 +157,92 @@ def test_bad_input_is_named(params, qparams):
         jpeft.quantize({"ids": jnp.zeros((64, 64), jnp.int32)}, "nf4", targets="ids")
     with pytest.raises(ValueError, match=r"also_train matches quantized kernels"):
         jpeft.apply(qparams, "lora", key=jax.random.key(0), also_train=r".*fc2/kernel")
+
+
+def test_training_over_nf4_lowers_the_loss_like_float32_and_resumes_bit_identically(tmp_path):
+    from jpeft import data, train
+    from transformers import PhiConfig
+
+    cfg = PhiConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=128, partial_rotary_factor=0.5, eos_token_id=0, bos_token_id=0, pad_token_id=0)
+    config = train.TrainConfig(learning_rate=1e-2, warmup_steps=2, batch_size=4, max_length=48, compute_dtype="float32")
+    model, params = phi.init(cfg, jax.random.key(0))
+    examples = data.load_task("piqa", "train", path=data.sample_path("piqa", "train"))
+    encoded = data.encode_pairs(data.training_pairs(examples), data.default_tokenizer(), config.max_length)
+    kwargs = dict(max_steps=16, log_every=1, checkpoint_every=2, progress=False)
+    curves = {}
+    for kind in (None, "nf4"):
+        base = params if kind is None else jpeft.quantize(params, kind)
+        # random base weights: adapt every kernel (lm_head, not quantized, included) so the output can move
+        adapted = jpeft.apply(base, "lora", key=jax.random.key(1), targets=r".*/kernel", r=4, dropout=0.0)
+        trained, records = train.fit(model, adapted, encoded, config, str(tmp_path / str(kind)), **kwargs)
+        curves[kind] = np.array([r["loss"] for r in records])
+    start, end = curves[None][:3].mean(), curves[None][-3:].mean()
+    assert end < start - 0.5
+    # same seed, same data: the 4-bit base starts within 2 % of the float32 loss and falls as far (within 10 %)
+    assert abs(curves["nf4"][0] - curves[None][0]) <= 0.02 * curves[None][0]
+    assert abs((curves["nf4"][:3].mean() - curves["nf4"][-3:].mean()) - (start - end)) <= 0.1 * (start - end)
+    _, first = train.fit(model, adapted, encoded, config, str(tmp_path / "resumed"), stop_at=6, **kwargs)
+    resumed, rest = train.fit(model, adapted, encoded, config, str(tmp_path / "resumed"), **kwargs)
+    np.testing.assert_array_equal(np.array([r["loss"] for r in first + rest]), curves["nf4"])
+    for a, b in zip(jax.tree_util.tree_leaves(jpeft.partition(trained)[0]), jax.tree_util.tree_leaves(jpeft.partition(resumed)[0])):
+        np.testing.assert_array_equal(a, b)
+    assert jpeft.is_quantized(resumed["model"]["layers_0"]["mlp"]["fc1"]["kernel"].frozen["kernel"])
+
+
+def test_from_pretrained_quantizes_while_loading(tmp_path):
+    from transformers import PhiConfig, PhiForCausalLM
+    import torch
+
+    torch.manual_seed(0)
+    PhiForCausalLM(PhiConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, max_position_embeddings=64)).save_pretrained(tmp_path)
+    _, loaded = phi.from_pretrained(tmp_path, quantize="nf4")
+    _, plain = phi.from_pretrained(tmp_path)
+    expected = jpeft.quantize(plain, "nf4")
+    for a, b in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(expected)):
+        np.testing.assert_array_equal(a, b)
+    assert jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(expected)
+    with pytest.raises(ValueError, match=r"block_size=48 does not divide"):
+        phi.from_pretrained(tmp_path, quantize="nf4", block_size=48)
+
+
+def test_compiled_step_memory_drops_by_the_frozen_bytes():
+    """XLA's memory of the compiled LoRA step (small Phi, 4 x 128, bf16) over an nf4 base is
+    below the bf16 step's by at least the difference of the frozen weights' bytes minus 10 %
+    (compile only; experiments/PERF.md has the Phi-1.5 16 x 256 figures)."""
+    from jpeft import bench, report
+
+    cfg = bench.BenchConfig(model="small", batch=4, seq_len=128, methods=("lora",), compile_only=True, quantize="nf4")
+    plain, quantized = (bench.run_jpeft(cfg, "lora", route)["memory_estimate_gib"] * 2**30 for route in ("jpeft", "jpeft-nf4"))
+    shapes = jax.eval_shape(lambda k: phi.init(phi.config("small"), k, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)[1],
+                            jax.random.key(0))
+    m = report.quantized_memory(shapes, "nf4")
+    saved = 2 * m["quantized_params"] - m["quantized_bytes"]
+    assert plain - quantized >= 0.9 * saved, (plain, quantized, saved)
+
+
+def test_cli_train_count_with_quantize(tmp_path, capsys):
+    """`jpeft train --quantize nf4` records the kind in run.json, trains over the quantized base
+    (its checkpoints and adapter hold the trainable arrays only), and `jpeft eval --quantize`
+    reloads the adapter onto it; `jpeft count --quantize` reports the bytes per parameter."""
+    import json
+
+    from safetensors.numpy import load_file
+
+    from jpeft import cli
+
+    args = ["--model", "tiny", "--method", "lora", "--tasks", "piqa", "--batch-size", "2", "--dtype", "float32",
+            "--max-length", "64", "--limit", "4", "--quantize", "nf4"]
+    cli.main(["train", *args, "--run-dir", str(tmp_path / "run"), "--steps", "2", "--warmup-steps", "1"])
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["quantize"] == "nf4"
+    adapter = load_file(tmp_path / "run" / "adapter" / checkpoint.ADAPTER_WEIGHTS)
+    assert adapter and all("::trainable::" in k for k in adapter)
+    trained = json.loads((tmp_path / "run" / "results" / "piqa.json").read_text())
+    cli.main(["eval", *args, "--adapter", str(tmp_path / "run" / "adapter"), "--run-dir", str(tmp_path / "eval")])
+    assert json.loads((tmp_path / "eval" / "results" / "piqa.json").read_text())["predictions"] == trained["predictions"]
+    capsys.readouterr()
+    cli.main(["count", "--quantize", "nf4", "--dtype", "bfloat16", "--methods", "lora"])
+    out = capsys.readouterr().out
+    assert "quantized kernels: 1,207,959,552 parameters in 594.3 MiB (0.516 bytes each)" in out
+    assert "| 2,705.1 | 2.000 |" not in out and "| 995.4 | 0.736 |" in out
