@@ -20,7 +20,7 @@ import numpy as np
 
 from jpeft.methods import BUILTIN, Method
 from jpeft.methods.base import SHARED_KEY
-from jpeft.node import Node, Quantized, is_leaf, is_node, is_quantized
+from jpeft.node import Node, Quantized, is_leaf, is_node, is_quantized, quantize_kernel
 
 Array = jax.Array
 PyTree = Any
@@ -360,15 +360,9 @@ def per_layer(fn, kernel: Array, layout: str):
 
 
 def requantize(like: Quantized, array: Array) -> Quantized:
-    """``array`` (of ``like``'s shape) quantized as ``like`` is: kind, block size, double
-    quantization, one layer of its stack at a time."""
-    from jpeft import quant
-
-    depth = len(like.stack_shape)
-    layer = lambda x: quant.quantize_blocks(x, like.kind, like.block_size, like.double_quant)
-    for _ in range(depth):
-        layer = jax.vmap(layer)
-    return like.replace(parts=layer(jnp.asarray(array, like.dtype)))
+    """``array`` (of ``like``'s shape and dtype) quantized as ``like`` is."""
+    return quantize_kernel(jnp.asarray(array, like.dtype), like.kind, block_size=like.block_size,
+                           double_quant=like.double_quant, stack=len(like.stack_shape))
 
 
 def plain_kernel(kernel: Array | Quantized) -> Array:
@@ -689,14 +683,17 @@ def uses_dropout(kernel: Any) -> bool:
     return getattr(kernel.config, "dropout", 0) > 0
 
 
-def linear(x: Array, kernel: Array | Node, *, dropout_key: Array | None = None, path: str = "auto") -> Array:
-    """``x @ W'`` for a plain kernel or a node, in the dtype of ``x``.
+def linear(x: Array, kernel: Array | Node | Quantized, *, dropout_key: Array | None = None,
+           path: str = "auto") -> Array:
+    """``x @ W'`` for a plain kernel, a node or a quantized kernel, in the dtype of ``x``.
 
     For a node, ``path="auto"`` asks the method's cost model (``Method.flops``) whether
     the factored or the materialized form is cheaper for ``x``'s number of rows;
     ``"factored"`` and ``"materialized"`` force one. ``dropout_key`` enables the method's
     training-time randomness (dropout, DyLoRA's rank draw; factored path only, which
-    ``"auto"`` then takes).
+    ``"auto"`` then takes). A quantized kernel, bare or as a node's frozen base, is
+    dequantized in a remat region (``jax.checkpoint`` saving nothing), so the backward
+    pass dequantizes it again rather than keep its full-precision copy until then.
     """
     if is_quantized(kernel) or (is_node(kernel) and dequantized(kernel) is not kernel):
         # dequantize inside a remat region: the backward pass dequantizes again from the codes

@@ -138,6 +138,19 @@ jax.tree_util.register_dataclass(Quantized, data_fields=["parts"],
                                  meta_fields=["kind", "layer_shape", "dtype", "block_size"])
 
 
+def quantize_kernel(kernel: Array, kind: str = "nf4", *, block_size: int = 64, double_quant: bool = True,
+                    stack: int = 0) -> Quantized:
+    """One kernel quantized (:func:`jpeft.quant.quantize_blocks`), each layer of its ``stack``
+    leading (stacked) axes on its own. Unchecked: :func:`jpeft.quantize` validates."""
+    from jpeft import quant
+
+    layer = lambda x: quant.quantize_blocks(x, kind, block_size, double_quant)
+    for _ in range(stack):
+        layer = jax.vmap(layer)
+    return Quantized(parts=layer(kernel), kind=kind, layer_shape=tuple(kernel.shape[stack:]),
+                     dtype=np.dtype(kernel.dtype), block_size=block_size)
+
+
 def is_quantized(x: Any) -> bool:
     return isinstance(x, Quantized)
 

@@ -24,22 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import core, quant
-from jpeft.node import Quantized, is_leaf, is_node, is_quantized
+from jpeft.node import quantize_kernel, is_leaf, is_node, is_quantized
 
 PyTree = Any
 
 #: every kernel but the output head (embeddings are ``embedding`` leaves, not kernels)
 DEFAULT_TARGETS = r"(?!(.*/)?lm_head/).*kernel"
-
-
-def quantize_kernel(kernel: jax.Array, kind: str = "nf4", *, block_size: int = 64, double_quant: bool = True,
-                    stack: int = 0) -> Quantized:
-    """One kernel quantized, each of its ``stack`` leading (stacked) axes' layers on its own."""
-    layer = lambda x: quant.quantize_blocks(x, kind, block_size, double_quant)
-    for _ in range(stack):
-        layer = jax.vmap(layer)
-    return Quantized(parts=layer(kernel), kind=kind, layer_shape=tuple(kernel.shape[stack:]),
-                     dtype=np.dtype(kernel.dtype), block_size=block_size)
 
 
 def _check(kind, block_size, double_quant) -> None:
