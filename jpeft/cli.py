@@ -201,7 +201,7 @@ def cmd_export(args) -> None:
 
     from jpeft import checkpoint, peft_format, pipeline
 
-    _, params, _ = pipeline.load_model(args.model, jnp.float32, jnp.float32)
+    _, params, _ = pipeline.load_model(args.model, jnp.float32, jnp.float32, quantize=args.quantize)
     adapted = checkpoint.load_adapter(args.adapter, params)
     peft_format.save(adapted, args.peft, base_model_name_or_path=args.model, base=params)
     print(f"wrote {args.peft}/{peft_format.ADAPTER_CONFIG} and {peft_format.ADAPTER_WEIGHTS}")
@@ -272,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--model", default="tiny", help="the base model the adapter was trained on (name or checkpoint dir)")
     ex.add_argument("--adapter", required=True, help="an adapter directory written by jpeft train (RUN/adapter)")
     ex.add_argument("--peft", required=True, help="output directory for adapter_config.json and adapter_model.safetensors")
+    ex.add_argument("--quantize", default=None, choices=QUANT_KINDS,
+                    help="the base the adapter was trained on was quantized so (jpeft train --quantize)")
     ex.set_defaults(func=cmd_export)
 
     bench = sub.add_parser("bench", formatter_class=fmt, help="time training steps of each method (and HF PEFT with --peft)")

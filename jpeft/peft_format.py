@@ -301,7 +301,7 @@ def _initial_factors(nodes: dict[str, Node], base: PyTree) -> dict[str, dict]:
         kernel = kernels.get(p)
         if kernel is None or core.is_node(kernel) or tuple(kernel.shape) != node.shape:
             raise ValueError(f"base: no {node.shape} kernel at {p!r} to recompute the initial PiSSA/OLoRA factors from")
-        initial, frozen = lora.residual_split(jnp.asarray(kernel), node.config)
+        initial, frozen = lora.residual_split(jnp.asarray(core.plain_kernel(kernel)), node.config)
         check = lora.BASE_CHECK[node.config.init]
         if not np.allclose(np.asarray(frozen[check], np.float32), np.asarray(node.frozen[check], np.float32),
                            rtol=1e-6, atol=0):

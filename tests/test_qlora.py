@@ -214,6 +214,10 @@ def test_compiled_step_memory_drops_by_the_frozen_bytes():
     from jpeft import bench, report
 
     cfg = bench.BenchConfig(model="small", batch=4, seq_len=128, methods=("lora",), compile_only=True, quantize="nf4")
+    both = bench.BenchConfig(methods=("lora", "oft"), quantize="nf4")
+    assert bench.jobs(both, False, ()) == [("jpeft", "lora"), ("jpeft", "oft"), ("jpeft-nf4", "lora"), ("jpeft-nf4", "oft")]
+    with pytest.raises(ValueError, match=r"quantize must be one of \('nf4', 'fp4', 'int8'\), got 'q4'"):
+        bench.BenchConfig(quantize="q4")
     plain, quantized = (bench.run_jpeft(cfg, "lora", route)["memory_estimate_gib"] * 2**30 for route in ("jpeft", "jpeft-nf4"))
     shapes = jax.eval_shape(lambda k: phi.init(phi.config("small"), k, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)[1],
                             jax.random.key(0))
