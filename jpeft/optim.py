@@ -297,9 +297,10 @@ def galore(rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25, *,
         ``ε = 1e-6``). It receives ``params=None`` (there are no parameters in the projected
         space), so it must not need them (put weight decay in ``weight_decay`` instead).
       learning_rate: None: the output is the direction ``ΔW`` above; chain a learning rate
-        (``optax.scale_by_learning_rate``) or use an ``inner`` that includes one. A float or
-        an optax schedule (evaluated at ``count``): the output is galore-torch's full update
-        ``-η ΔW``, with weight decay below.
+        (``optax.scale_by_learning_rate``) or use an ``inner`` that includes one. A float, a
+        scalar array (so ``optax.inject_hyperparams`` works, with the other arguments in its
+        ``static_args``) or an optax schedule (evaluated at ``count``): the output is
+        galore-torch's full update ``-η ΔW``, with weight decay below.
       weight_decay: ``λ >= 0``, galore-torch's decoupled decay after the step,
         ``W'' = W' - η λ W'`` with ``W' = W - η ΔW``; needs ``learning_rate`` and ``params``
         in ``update``.
@@ -326,9 +327,12 @@ def galore(rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25, *,
             "W' <- W' - learning_rate * weight_decay * W'); with learning_rate=None chain "
             "optax.add_decayed_weights yourself")
     if learning_rate is not None and not callable(learning_rate):
-        if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) \
-                or not (math.isfinite(learning_rate) and learning_rate >= 0):
-            raise ValueError(f"learning_rate must be a finite number >= 0 or a schedule, got {learning_rate!r}")
+        # a scalar array (optax.inject_hyperparams passes one, maybe traced) is taken as is
+        is_array = isinstance(learning_rate, (jax.Array, np.ndarray)) and np.ndim(learning_rate) == 0
+        if not is_array and (isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float))
+                             or not (math.isfinite(learning_rate) and learning_rate >= 0)):
+            raise ValueError(f"learning_rate must be a finite number >= 0, a scalar array or a schedule, "
+                             f"got {learning_rate!r}")
     if inner is None:
         inner = scale_by_hf_adam()
     if not isinstance(inner, optax.GradientTransformation):
