@@ -20,6 +20,7 @@ from jpeft.core import (
     register,
     with_rank,
 )
+from jpeft import optim
 from jpeft.methods.base import Method
 from jpeft.wrap import wrap
 from jpeft.node import Node, Quantized, is_node, is_quantized
@@ -40,6 +41,7 @@ __all__ = [
     "match_targets",
     "materialize",
     "methods",
+    "optim",
     "partition",
     "quantize",
     "register",
