@@ -6,8 +6,8 @@ Finetuning of Quantized LLMs", NeurIPS 2023): kernels stored in 4 or 8 bits unde
 of :mod:`jpeft.quant`, bit-identical to bitsandbytes); :func:`dequantize` turns them back
 into arrays. Everything else composes: ``jpeft.apply`` adapts a quantized kernel with any
 method (its frozen ``kernel`` stays the quantized leaf; methods that read the weight at
-init, SVD or norms, read it dequantized; a frozen array of the kernel's shape, PiSSA's
-residual, is quantized like it), ``jpeft.linear``/``wrap``/the Phi port dequantize inside
+init, SVD or norms, read it dequantized; a frozen ``residual``, PiSSA's or OLoRA's, is
+quantized like it), ``jpeft.linear``/``wrap``/the Phi port dequantize inside
 the step, in a remat region so the backward pass dequantizes again instead of keeping a
 full-precision copy, ``partition`` keeps quantized leaves frozen, ``materialize`` returns
 dequantized base plus update in the kernel's dtype, and ``count_params`` reports
@@ -41,13 +41,17 @@ def _check(kind, block_size, double_quant) -> None:
         raise ValueError(f"double_quant must be True or False, got {double_quant!r}")
 
 
+def _adapted(path: str, node) -> ValueError:
+    return ValueError(f"quantize: {path!r} is adapted ({node.method}); quantize the base first, then jpeft.apply")
+
+
 def _targets(params: PyTree, targets: str | Iterable[str] | None) -> list[str]:
     leaves = core.leaves_with_paths(params)
     if targets is not None:
         patterns = core._patterns(targets)
-        for p, x in leaves:
+        for p, x in leaves:  # before match_targets, whose message for nodes is about adapting
             if is_node(x) and any(re.fullmatch(t, p) for t in patterns):
-                raise ValueError(f"quantize: {p!r} is adapted ({x.method}); quantize the base first, then jpeft.apply")
+                raise _adapted(p, x)
         return core.match_targets(params, targets)
     # by default 2-D kernels only: others need a layout to say which axes are stacked layers
     return [p for p, x in leaves if re.fullmatch(DEFAULT_TARGETS, p) and (is_leaf(x) or np.ndim(x) == 2)]
@@ -66,7 +70,7 @@ def checked_targets(params: PyTree, kind: str, targets, block_size: int, double_
     for p in chosen:
         leaf = leaves[p]
         if is_node(leaf):
-            raise ValueError(f"quantize: {p!r} is adapted ({leaf.method}); quantize the base first, then jpeft.apply")
+            raise _adapted(p, leaf)
         if is_quantized(leaf):
             raise ValueError(f"quantize: {p!r} is already quantized ({leaf.kind}, block {leaf.block_size})")
         if not jnp.issubdtype(leaf.dtype, jnp.floating):

@@ -16,7 +16,10 @@ in place of those arrays:
   indexing a layer out of the stack (``stack[i]``) slices the node, not the base.
 * dtype casts keep the node (the product runs in the cast dtype);
 * any other use (reshape, arithmetic, a product that contracts the output axes, a
-  custom-derivative function) materializes the node there: correct, just not factored.
+  custom-derivative function) materializes the node there: correct, just not factored;
+* a quantized kernel (:func:`jpeft.quantize`) that no method adapts runs as a node with
+  nothing to train: dequantized inside :func:`jpeft.linear`'s remat region where it is a
+  product's weight, dequantized in place elsewhere.
 
 ``jit``, ``remat``, ``scan``, ``cond`` and ``while`` equations are evaluated by the same
 rules inside (``jit`` inlined into the caller's trace, the others rebuilt with
