@@ -390,9 +390,14 @@ def quantized_node(kernel: Quantized) -> Node:
                 {"kernel": kernel}, layout=layout, kernel_shape=tuple(kernel.shape))
 
 
+def holds_quantized(node: Node) -> bool:
+    """Whether ``node`` has a quantized frozen array (a QLoRA base)."""
+    return any(is_quantized(v) for v in node.frozen.values())
+
+
 def dequantized(node: Node) -> Node:
     """``node`` with its quantized frozen arrays (a QLoRA base) dequantized."""
-    if not any(is_quantized(v) for v in node.frozen.values()):
+    if not holds_quantized(node):
         return node
     return node.replace(frozen={k: v.dequantize() if is_quantized(v) else v for k, v in node.frozen.items()})
 
@@ -695,7 +700,7 @@ def linear(x: Array, kernel: Array | Node | Quantized, *, dropout_key: Array | N
     dequantized in a remat region (``jax.checkpoint`` saving nothing), so the backward
     pass dequantizes it again rather than keep its full-precision copy until then.
     """
-    if is_quantized(kernel) or (is_node(kernel) and dequantized(kernel) is not kernel):
+    if is_quantized(kernel) or (is_node(kernel) and holds_quantized(kernel)):
         # dequantize inside a remat region: the backward pass dequantizes again from the codes
         # instead of keeping every layer's full-precision weight alive until it runs
         plain = lambda x, k, key: linear(x, dequantized(k) if is_node(k) else k.dequantize(), dropout_key=key, path=path)
