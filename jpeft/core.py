@@ -425,9 +425,44 @@ def _init_node(spec: Method, method: str, config, key: Array, kernel: Array, lay
                 trainable, frozen, layout=layout, kernel_shape=tuple(kernel.shape))
 
 
+def _apply_model_scope(params: PyTree, method: str, spec: Method, config, key: Array, model: Any, targets, layout,
+                       also_train) -> PyTree:
+    """``apply`` of a method that adds computation: its node under ``params["jpeft"][method]``."""
+    from jpeft import hooks
+
+    if model is None:
+        raise ValueError(f"{method} adds computation at the model's hook points: pass model= (a model implementing "
+                         "the hook protocol, such as jpeft.models.phi's PhiForCausalLM, or its jpeft.hooks.ModelDims)")
+    if targets is not None or layout is not None:
+        raise ValueError(f"{method} adds computation at the model's hook points and adapts no kernel: targets and "
+                         "layout do not apply (choose its layers with its own hyper-parameters)")
+    dims = hooks.dims_of(model)
+    missing = [p for p in spec.hooks.points if p not in dims.points]
+    if missing:
+        raise ValueError(f"{method} needs the hook point(s) {missing}, which the model lacks (it runs {list(dims.points)})")
+    if not isinstance(params, dict):
+        raise TypeError(f"{method} adds a node under params[{hooks.KEY!r}]: params must be a dict, got {type(params).__name__}")
+    present = dict(params.get(hooks.KEY, {}))
+    if method in present:
+        raise ValueError(f"params already hold a {method} node (params[{hooks.KEY!r}][{method!r}])")
+    for point in hooks.EXCLUSIVE_POINTS:
+        clash = [m for m, n in present.items() if point in get_method(n.method).hooks.points]
+        if point in spec.hooks.points and clash:
+            raise ValueError(f"{method} and {clash[0]} both use the {point!r} hook point; a tree holds one such method")
+    config.check(dims)
+    full = _also_train_paths(params, also_train, [])
+    dtype = np.dtype(dict(leaves_with_paths(params))[dims.embedding].dtype) if dims.embedding else np.dtype("float32")
+    trainable, frozen = spec.init(key, dims, config, params)
+    node = Node(method, config, (), dtype, trainable, frozen, layout="", kernel_shape=())
+    if full:
+        params = jax.tree_util.tree_map_with_path(lambda path, leaf: full_node(leaf) if path_str(path) in full else leaf,
+                                                  params, is_leaf=is_leaf)
+    return {**params, hooks.KEY: {**present, method: node}}
+
+
 def apply(params: PyTree, method: str, *, key: Array, targets: str | Iterable[str] | None = None,
           layout: str | dict[str, str] | None = None, also_train: str | Iterable[str] | None = None,
-          **hparams) -> PyTree:
+          model: Any = None, **hparams) -> PyTree:
     """Replace every targeted kernel of ``params`` by a node of ``method``.
 
     Args:
@@ -450,14 +485,21 @@ def apply(params: PyTree, method: str, *, key: Array, targets: str | Iterable[st
       also_train: a regex or a list of regexes of further leaves (biases, a classifier
         head, norms) to train fully (PEFT's ``modules_to_save``): each becomes a ``full``
         node, so :func:`partition` puts it on the trainable side and adapters save it.
+      model: for a method that adds computation (prompt, prefix and P-tuning, adapters,
+        AdaMix, PaSTA, LoReFT; :mod:`jpeft.hooks`), the model that runs it (one with
+        ``jpeft_dims()``, such as the Phi port) or its :class:`jpeft.hooks.ModelDims`.
+        Such a method has no targets: its node goes under ``params["jpeft"][method]``.
       **hparams: the method's hyper-parameters (see its config dataclass).
 
     Returns:
-      A pytree of the same structure with :class:`Node` leaves at the targets. All
-      validation happens here, before any array is touched.
+      A pytree of the same structure with :class:`Node` leaves at the targets (or, for a
+      method that adds computation, with the ``"jpeft"`` entry added). All validation
+      happens here, before any array is touched.
     """
     spec = get_method(method)
     config = make_config(method, **hparams)
+    if spec.scope == "model":
+        return _apply_model_scope(params, method, spec, config, key, model, targets, layout, also_train)
     chosen = match_targets(params, targets)
     shapes = dict(leaves_with_paths(params))
     layouts = {p: resolve_layout(p, tuple(shapes[p].shape), layout) for p in chosen}
@@ -542,14 +584,21 @@ def materialize_node(node: Node, rank: int | None = None) -> Array:
 def materialize(adapted: PyTree, rank: int | None = None) -> PyTree:
     """Plain kernels again: each node becomes ``W'`` in the layout and dtype of the kernel
     it replaced (``full`` nodes their trained array), each quantized kernel its dequantized
-    array.
+    array. The nodes of methods that add computation (``params["jpeft"]``, which no weight
+    can absorb) stay, in their inference form where they have one (AdaMix: the averaged
+    adapter).
 
     ``rank``: the rank to keep in the nodes that have an evaluation rank (DyLoRA, trained
     for every rank up to its ``r``); other nodes materialize as usual. See :func:`with_rank`
     for the errors (a rank above a node's ``r``, a tree without such a node)."""
     if rank is not None:
         adapted = with_rank(adapted, rank)
-    plain = lambda x: materialize_node(x) if is_node(x) else x.dequantize() if is_quantized(x) else x
+    def plain(x):
+        if is_node(x) and get_method(x.method).scope == "model":
+            merged = get_method(x.method).hooks.merged
+            return x if merged is None else merged(x)
+        return materialize_node(x) if is_node(x) else x.dequantize() if is_quantized(x) else x
+
     return jax.tree_util.tree_map(plain, adapted, is_leaf=is_leaf)
 
 

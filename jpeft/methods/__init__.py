@@ -15,6 +15,7 @@ from jpeft.methods import lora
 from jpeft.methods import loraxs
 from jpeft.methods import mora
 from jpeft.methods import oft
+from jpeft.methods import prompt_tuning
 from jpeft.methods import rhoft
 from jpeft.methods import sbora
 from jpeft.methods import shoft
@@ -43,6 +44,8 @@ BUILTIN = {
     "hoft": hoft.METHOD,
     "svft": svft.METHOD,
     "loraxs": loraxs.METHOD,
+    # methods that add computation at the model's hook points (jpeft.hooks)
+    "prompt_tuning": prompt_tuning.METHOD,
     "bitfit": bitfit.METHOD,
     "full": full.METHOD,
 }

@@ -33,8 +33,14 @@ class Method(NamedTuple):
       factored: ``(x, node, dropout_key | None) -> x @ W'`` without forming ``W'``.
       flops: ``(node, tokens) -> (factored, materialized)`` estimated FLOP of one
         training step (forward + backward) of the layer on ``tokens`` rows.
-      scope: ``"kernel"`` (the targeted kernels become nodes) or ``"bias"`` (the
-        targeted layers' biases become fully trainable and their kernels stay plain: BitFit).
+      scope: ``"kernel"`` (the targeted kernels become nodes), ``"bias"`` (the
+        targeted layers' biases become fully trainable and their kernels stay plain: BitFit)
+        or ``"model"`` (a method that adds computation at the model's hook points,
+        :mod:`jpeft.hooks`: one node under ``params["jpeft"][name]``, run by the model
+        through ``hooks``; ``init`` is then ``(key, dims, config, params) -> (trainable,
+        frozen)`` with the model's :class:`jpeft.hooks.ModelDims` and the base parameters,
+        the config's ``check(dims)`` refuses values the model cannot take, and
+        ``materialize``, ``factored``, ``flops`` are unused).
       frozen_from_base: ``(kernel, config) -> frozen``, the frozen arrays of ``init``
         that can be recomputed from the base kernel alone (no key): :func:`base_kernel`
         for methods that keep just the base, SHOFT's and SVFT's float64 SVD. Adapter
@@ -59,6 +65,7 @@ class Method(NamedTuple):
         ``jpeft.materialize(tree, rank=...)`` and :func:`jpeft.core.with_rank` use it.
       training: :class:`Training` hooks for a method that needs more than the gradient
         step (AdaLoRA's regularizer and rank budget); ``jpeft.train`` runs them.
+      hooks: :class:`Hooks`, what a ``"model"``-scope method computes at the hook points.
 
     A frozen entry named ``kernel`` must be the base kernel itself: ``jpeft.apply``
     stores the model's own array there (any layout, a whole stack, never a copy). One named
@@ -67,16 +74,17 @@ class Method(NamedTuple):
     """
 
     config: type
-    init: Callable[[Array, Array, Any], tuple[dict, dict]]
-    materialize: Callable[[Node], Array]
-    factored: Callable[[Array, Node, Array | None], Array]
-    flops: Callable[[Node, int], tuple[float, float]]
+    init: Callable[..., tuple[dict, dict]]
+    materialize: Callable[[Node], Array] | None = None
+    factored: Callable[[Array, Node, Array | None], Array] | None = None
+    flops: Callable[[Node, int], tuple[float, float]] | None = None
     scope: str = "kernel"
     frozen_from_base: Callable[[Array, Any], dict] | None = None
     shared: Callable[[Array, list, Any], Any] | None = None
     uses_key: Callable[[Any], bool] | None = None
     with_rank: Callable[[Any, int], Any] | None = None
     training: "Training | None" = None
+    hooks: "Hooks | None" = None
 
 
 class Training(NamedTuple):
@@ -95,6 +103,32 @@ class Training(NamedTuple):
     regularizer: Callable[[Any], Array]
     after_step: Callable[[Any, Any, Any, Array], tuple[Any, Any]]
     metrics: Callable[[Any, Any], dict]
+
+
+class Hooks(NamedTuple):
+    """What a method that adds computation runs at a model's hook points (:mod:`jpeft.hooks`).
+
+    points: the hook points it uses (of ``jpeft.hooks.POINTS``);
+    num_tokens: ``node -> P``, the virtual tokens or prefix positions it adds (static);
+    embeddings: ``node -> (P, hidden)`` virtual-token embeddings (``"embeddings"``);
+    prefix: ``(node, dims) -> (layers, 2, heads, P, head_dim)`` keys and values (``"prefix"``);
+    residual: ``(node, layer, site, out, inp, context, key) -> out'`` at each site of each
+      layer (``"residual"``; the identity at the sites and layers it does not use);
+    uses_key: ``config -> bool``, whether it draws randomness in training (dropout, routing);
+    merged: ``node -> node``, its inference form where that is cheaper (AdaMix's averaged
+      experts: one adapter), which ``jpeft.materialize`` returns; ``None``: the node itself;
+    positional: whether its residual hook depends on positions within the prompt
+      (``context.prompt_mask``: LoReFT), so a cached pass must say whether it starts the sequence.
+    """
+
+    points: tuple[str, ...]
+    num_tokens: Callable[[Node], int] | None = None
+    embeddings: Callable[[Node], Array] | None = None
+    prefix: Callable[[Node, Any], Array] | None = None
+    residual: Callable[..., Array] | None = None
+    uses_key: Callable[[Any], bool] | None = None
+    merged: Callable[[Node], Node] | None = None
+    positional: bool = False
 
 
 #: What ``jpeft.apply`` folds into its key for :attr:`Method.shared` (target ``i`` gets

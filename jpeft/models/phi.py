@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 from transformers import PhiConfig
 
+from jpeft import hooks as jhooks
 from jpeft.core import linear, resolve_full, uses_dropout
 from jpeft.node import is_node, is_quantized
 
@@ -107,6 +108,7 @@ class Spec:
     embd_pdrop: float
     attention_dropout: float
     init_std: float
+    special_token_ids: tuple[int, ...] = ()
 
     @property
     def head_dim(self) -> int:
@@ -137,6 +139,8 @@ class Spec:
             rope_theta=float(_rope_value(cfg, "rope_theta", 10000.0)), eps=cfg.layer_norm_eps,
             max_positions=cfg.max_position_embeddings, resid_pdrop=cfg.resid_pdrop, embd_pdrop=cfg.embd_pdrop,
             attention_dropout=cfg.attention_dropout or 0.0, init_std=cfg.initializer_range,
+            special_token_ids=tuple(sorted({i for i in (cfg.bos_token_id, cfg.eos_token_id, getattr(cfg, "pad_token_id", None))
+                                            if isinstance(i, int)})),
         )
 
 
@@ -252,17 +256,26 @@ class DecoderLayer(nn.Module):
     spec: Spec
     dtype: DType
     param_dtype: DType
+    index: int = 0
 
     @nn.compact
-    def __call__(self, x, positions, allowed, deterministic, layer_cache=None, cache_index=None, prefix=None):
+    def __call__(self, x, positions, allowed, deterministic, layer_cache=None, cache_index=None, prefix=None,
+                 hooks=None, context=None):
         s = self.spec
+        key = self.make_rng("dropout") if hooks and not deterministic and jhooks.uses_key(hooks) else None
+        keys = [None if key is None else jax.random.fold_in(key, i) for i in range(4)]
+        hook = lambda site, out, inp, k: out if not hooks else jhooks.residual(  # noqa: E731
+            hooks, self.index, site, out, inp, context, k)
+        x = hook("input", x, x, keys[0])
         h = _layer_norm(s, self.param_dtype, "input_layernorm")(x).astype(self.dtype)
         attn, new_cache = Attention(s, self.dtype, self.param_dtype, name="self_attn")(
             h, positions, allowed, deterministic, layer_cache, cache_index, prefix
         )
         mlp = MLP(s, self.dtype, self.param_dtype, name="mlp")(h, deterministic)
+        attn, mlp = hook("attn", attn, h, keys[1]), hook("mlp", mlp, h, keys[2])
         drop = nn.Dropout(s.resid_pdrop, deterministic=deterministic)
-        return x + (drop(attn) + drop(mlp)).astype(x.dtype), new_cache
+        out = x + (drop(attn) + drop(mlp)).astype(x.dtype)
+        return hook("output", out, x, keys[3]), new_cache
 
 
 class PhiModel(nn.Module):
@@ -272,19 +285,23 @@ class PhiModel(nn.Module):
     remat: str = "none"
 
     @nn.compact
-    def __call__(self, input_ids, inputs_embeds, positions, allowed, deterministic, cache=None, cache_index=None, prefix_kv=None):
+    def __call__(self, input_ids, inputs_embeds, positions, allowed, deterministic, cache=None, cache_index=None,
+                 prefix_kv=None, virtual=None, hooks=None, context=None):
         s = self.spec
         embed = nn.Embed(s.vocab_size, s.hidden, param_dtype=self.param_dtype,
                          embedding_init=nn.initializers.normal(s.init_std), name="embed_tokens")
         x = embed(input_ids) if inputs_embeds is None else inputs_embeds
+        if virtual is not None:  # prompt / P-tuning's virtual tokens before the sequence
+            x = jnp.concatenate([virtual.astype(x.dtype), x], axis=1)
         x = nn.Dropout(s.embd_pdrop)(x.astype(self.dtype), deterministic=deterministic)
         new_caches = []
         layer = DecoderLayer if self.remat == "none" else nn.remat(  # deterministic (argument 4) is static
             DecoderLayer, static_argnums=(4,), policy=REMAT_POLICIES[self.remat])
         for i in range(s.layers):
-            x, c = layer(s, self.dtype, self.param_dtype, name=f"layers_{i}")(
+            x, c = layer(s, self.dtype, self.param_dtype, i, name=f"layers_{i}")(
                 x, positions, allowed, deterministic,
                 None if cache is None else cache[i], cache_index, None if prefix_kv is None else prefix_kv[i],
+                hooks, context,
             )
             new_caches.append(c)
         x = _layer_norm(s, self.param_dtype, "final_layernorm")(x)
@@ -330,15 +347,29 @@ class PhiForCausalLM(nn.Module):
     def apply(self, variables, *args, **kwargs):
         """linen's ``apply``; kernel nodes reach the layers as they are (each ``Linear`` runs
         its node's factored path), fully trained leaves (``also_train``, BitFit's biases)
-        as their arrays."""
-        return super().apply(resolve_full(variables), *args, **kwargs)
+        as their arrays, and the nodes of methods that add computation
+        (``params["jpeft"]``, :mod:`jpeft.hooks`) run at the model's hook points."""
+        variables = dict(resolve_full(variables))
+        variables["params"], hooks = jhooks.split(variables.get("params", {}))
+        if hooks:
+            kwargs["hooks"] = hooks
+        return super().apply(variables, *args, **kwargs)
+
+    def jpeft_dims(self) -> jhooks.ModelDims:
+        """The hook protocol's description of this model: every hook point is implemented."""
+        s = self.spec
+        return jhooks.ModelDims(hidden=s.hidden, layers=s.layers, heads=s.heads, head_dim=s.head_dim,
+                                max_positions=s.max_positions, vocab_size=s.vocab_size,
+                                embedding="model/embed_tokens/embedding", special_token_ids=s.special_token_ids)
 
     @nn.compact
     def __call__(self, input_ids: Array | None = None, attention_mask: Array | None = None,
                  position_ids: Array | None = None, *, inputs_embeds: Array | None = None,
                  prefix_kv: Sequence[tuple[Array, Array]] | None = None, cache: dict | None = None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, prompt_mask: Array | None = None, start: bool | None = None,
+                 hooks: dict | None = None):
         s = self.spec
+        hooks = hooks or {}
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if input_ids is not None:
@@ -349,9 +380,23 @@ class PhiForCausalLM(nn.Module):
         else:
             _check_shape("inputs_embeds", inputs_embeds, (None, None, s.hidden))
             b, t = inputs_embeds.shape[:2]
-        for name, x in (("attention_mask", attention_mask), ("position_ids", position_ids)):
+        for name, x in (("attention_mask", attention_mask), ("position_ids", position_ids), ("prompt_mask", prompt_mask)):
             if x is not None:
                 _check_shape(name, x, (b, t))
+        n_virtual = jhooks.num_virtual_tokens(hooks)
+        if start is None:
+            if cache is not None and jhooks.needs_start(hooks):
+                raise ValueError("with a cache and prompt/P-tuning or position-based hooks, say whether this pass starts "
+                                 "the sequence (start=True for the prompt, False for the tokens after it)")
+            start = True
+        elif not start and cache is None:
+            raise ValueError("start=False continues a sequence, which needs its cache")
+        virtual = jhooks.virtual_embeddings(hooks, b, self.dtype) if start and n_virtual else None
+        hook_prefix = jhooks.prefix_kv(hooks, b, self.jpeft_dims(), self.dtype)
+        if hook_prefix is not None:
+            if prefix_kv is not None:
+                raise ValueError("prefix_kv given to a model whose parameters hold a prefix-tuning node")
+            prefix_kv = hook_prefix
         if prefix_kv is not None:
             if len(prefix_kv) != s.layers:
                 raise ValueError(f"prefix_kv has {len(prefix_kv)} entries, the model has {s.layers} layers")
@@ -359,31 +404,51 @@ class PhiForCausalLM(nn.Module):
             for i, kv in enumerate(prefix_kv):
                 for part, x in zip(("key", "value"), kv):
                     _check_shape(f"prefix_kv[{i}] {part}", x, (b, s.heads, p, s.head_dim))
+        n_prefix = 0 if prefix_kv is None else prefix_kv[0][0].shape[2]
         mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-        size = t if cache is None else cache["mask"].shape[1]
-        if size > s.max_positions:
-            raise ValueError(f"{'sequence length' if cache is None else 'cache size'} {size} exceeds max_position_embeddings {s.max_positions}")
-        if t > size:
-            raise ValueError(f"{t} new tokens do not fit a cache of size {size}")
+        prompt_mask = (mask & start) if prompt_mask is None else prompt_mask.astype(bool)
+        if virtual is not None:  # the virtual tokens are attended, numbered first, and not part of the prompt
+            v = virtual.shape[1]
+            mask = jnp.concatenate([jnp.ones((b, v), bool), mask], axis=1)
+            prompt_mask = jnp.concatenate([jnp.zeros((b, v), bool), prompt_mask], axis=1)
+            if position_ids is not None:
+                position_ids = jnp.concatenate([jnp.broadcast_to(jnp.arange(v), (b, v)), position_ids + v], axis=1)
+        t_all = mask.shape[1]
+        size = t_all if cache is None else cache["mask"].shape[1]
+        if size + n_prefix > s.max_positions:
+            what = "sequence length" if cache is None else "cache size"
+            parts = "".join(f" + {n} {name}" for n, name in ((n_virtual, "virtual tokens"), (n_prefix, "prefix positions")) if n)
+            raise ValueError(f"{what} {size - (n_virtual if virtual is not None else 0)}{parts} exceeds "
+                             f"max_position_embeddings {s.max_positions}")
+        if t_all > size:
+            raise ValueError(f"{t_all} new tokens do not fit a cache of size {size}")
         index = 0 if cache is None else cache["index"]
         seen = mask if cache is None else jax.lax.dynamic_update_slice(cache["mask"], mask, (0, index))
-        if position_ids is None:
-            position_ids = jax.lax.dynamic_slice_in_dim(jnp.maximum(jnp.cumsum(seen, axis=-1) - 1, 0), index, t, axis=1)
-        causal = jnp.arange(size)[None, :] <= (index + jnp.arange(t))[:, None]
+        if position_ids is None:  # a prefix takes the first n_prefix positions, as transformers numbers them
+            cumulative = jnp.maximum(jnp.cumsum(seen, axis=-1) - 1, 0) + n_prefix
+            position_ids = jax.lax.dynamic_slice_in_dim(cumulative, index, t_all, axis=1)
+        causal = jnp.arange(size)[None, :] <= (index + jnp.arange(t_all))[:, None]
         allowed = causal[None, None] & seen[:, None, None, :]
+        ids = input_ids
+        if ids is not None and virtual is not None:
+            ids = jnp.concatenate([jnp.full((b, virtual.shape[1]), -1, ids.dtype), ids], axis=1)
+        context = jhooks.Context(ids, prompt_mask) if hooks else None
         hidden, layers = PhiModel(s, self.dtype, self.param_dtype, self.remat, name="model")(
             input_ids, inputs_embeds, position_ids, allowed, deterministic,
-            None if cache is None else cache["layers"], index, prefix_kv,
+            None if cache is None else cache["layers"], index, prefix_kv, virtual, hooks or None, context,
         )
+        if virtual is not None:  # logits of the real tokens only
+            hidden = hidden[:, virtual.shape[1]:]
         logits = Linear(s.vocab_size, self.dtype, self.param_dtype, s.init_std, name="lm_head")(hidden, deterministic)
         logits = logits.astype(jnp.float32)
         if cache is None:
             return logits
-        return logits, {"layers": layers, "mask": seen, "index": index + t}
+        return logits, {"layers": layers, "mask": seen, "index": index + t_all}
 
 
 def init_cache(model: PhiForCausalLM, batch: int, size: int) -> dict:
-    """An empty key/value cache for ``size`` positions (prompt + new tokens), in ``model.dtype``.
+    """An empty key/value cache for ``size`` positions (prompt + new tokens, and the virtual
+    tokens of prompt or P-tuning: :func:`jpeft.hooks.num_virtual_tokens`), in ``model.dtype``.
 
     A pytree ``{"layers": [{"k", "v"} (batch, size, heads, head_dim) per layer],
     "mask": (batch, size) bool, "index": int32 next free slot}``. Writing past ``size``
@@ -523,6 +588,9 @@ def save_pretrained(params: PyTree, cfg: PhiConfig | dict | str, path: str | os.
     from safetensors.flax import save_file
 
     flat = flatten_dict(params)
+    if jhooks.KEY in params:
+        raise ValueError(f"params hold methods that add computation ({sorted(params[jhooks.KEY])}), which no "
+                         "checkpoint of the base architecture can hold; save them as a jpeft adapter instead")
     nodes = ["/".join(p) for p, leaf in flat.items() if is_node(leaf) or is_quantized(leaf)]
     if nodes:
         raise ValueError(f"params still hold jpeft nodes or quantized kernels at {nodes[:5]}; call "
@@ -564,11 +632,11 @@ def _sample(logits: Array, key: Array, temperature: float, top_k: int | None, to
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "sampling", "eos", "pad"), donate_argnames=("cache",))
-def _decode_step(model, params, cache, tokens, mask, done, key, *, sampling, eos, pad):
+@functools.partial(jax.jit, static_argnames=("model", "sampling", "eos", "pad", "start"), donate_argnames=("cache",))
+def _decode_step(model, params, cache, tokens, mask, done, key, *, sampling, eos, pad, start):
     """Run ``tokens`` through the cache and pick the next token of each row (compiled once
     per model, shape and sampling setting: one program for the prompt, one per step)."""
-    logits, cache = model.apply({"params": params}, tokens, mask, cache=cache)
+    logits, cache = model.apply({"params": params}, tokens, mask, cache=cache, start=start)
     token = jnp.where(done, pad, _sample(logits[:, -1], key, *sampling))
     if eos:
         done = done | jnp.isin(token, jnp.asarray(eos))
@@ -592,7 +660,10 @@ def generate(
     """Greedy (``temperature=0``) or sampled decoding over a fixed-size key/value cache.
 
     Prompts may be left-padded (``attention_mask``); right padding is a ValueError.
-    ``params`` may be adapted (nodes). Rows that produced an ``eos_token_id`` continue
+    ``params`` may be adapted (nodes), methods that add computation included: prompt and
+    P-tuning's virtual tokens take the first cache slots, a prefix the first positions, and
+    position-based interventions (LoReFT) act on the prompt's pass only, as PEFT and pyreft
+    generate. Rows that produced an ``eos_token_id`` continue
     with ``pad_token_id`` (default: the first EOS id, else 0); decoding stops early once
     every row is done. Returns int32 (batch, prompt + max_new_tokens).
     """
@@ -607,8 +678,12 @@ def generate(
     input_ids = jnp.asarray(input_ids, jnp.int32)
     _check_shape("input_ids", input_ids, (None, None))
     b, t = input_ids.shape
-    if t + max_new_tokens > model.spec.max_positions:
-        raise ValueError(f"prompt {t} + {max_new_tokens} new tokens exceed max_position_embeddings {model.spec.max_positions}")
+    hooks = jhooks.split(params)[1]
+    n_virtual, n_prefix = jhooks.num_virtual_tokens(hooks), jhooks.num_prefix_tokens(hooks)
+    if n_virtual + n_prefix + t + max_new_tokens > model.spec.max_positions:
+        extra = "".join(f" + {n} {name}" for n, name in ((n_virtual, "virtual tokens"), (n_prefix, "prefix positions")) if n)
+        raise ValueError(f"prompt {t} + {max_new_tokens} new tokens{extra} exceed max_position_embeddings "
+                         f"{model.spec.max_positions}")
     mask = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
     _check_shape("attention_mask", mask, (b, t))
     if not bool(mask[:, -1].all()):
@@ -617,10 +692,10 @@ def generate(
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     step = functools.partial(_decode_step, model, params, sampling=(float(temperature), top_k, top_p), eos=eos, pad=pad)
     key = jax.random.key(0) if key is None else key
-    cache, done, out = init_cache(model, b, t + max_new_tokens), jnp.zeros((b,), bool), [input_ids]
+    cache, done, out = init_cache(model, b, n_virtual + t + max_new_tokens), jnp.zeros((b,), bool), [input_ids]
     tokens = input_ids
     for i in range(max_new_tokens):
-        token, cache, done = step(cache, tokens, mask, done, jax.random.fold_in(key, i))
+        token, cache, done = step(cache, tokens, mask, done, jax.random.fold_in(key, i), start=i == 0)
         tokens, mask = token[:, None], jnp.ones((b, 1), bool)
         out.append(tokens)
         if eos and i + 1 < max_new_tokens and bool(jnp.all(done)):
