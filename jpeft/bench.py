@@ -92,6 +92,10 @@ class BenchConfig:
                 raise ValueError(f"quantize must be one of {quant.KINDS}, got {self.quantize!r}")
             if is_flax_model(self.model):
                 raise ValueError(f"quantize compares the Phi port's steps, not {self.model!r}'s")
+        added = [m for m in self.methods if core.get_method(m).scope == "model"]
+        if is_flax_model(self.model) and added:
+            raise ValueError(f"{added} add computation at a model's hook points, which the Phi port has and "
+                             f"{self.model!r} (stock flax modules) does not; bench them on the Phi port")
         if is_flax_model(self.model) and self.remat != "none":
             raise ValueError(f"remat applies to the Phi port only, not to {self.model!r}")
         if is_flax_model(self.model) and self.targets and "lora" in self.methods:
@@ -180,7 +184,7 @@ def _phi_step(cfg: BenchConfig, method: str, quantize: str | None = None):
     import jax.numpy as jnp
 
     import jpeft
-    from jpeft import train
+    from jpeft import core, train
     from jpeft.models import phi
 
     config = phi.config(cfg.model)
@@ -190,7 +194,8 @@ def _phi_step(cfg: BenchConfig, method: str, quantize: str | None = None):
     def build(key):
         params = model.init(key, jnp.zeros((1, 1), jnp.int32))["params"]
         params = params if quantize is None else jpeft.quantize(params, quantize)
-        return jpeft.apply(params, method, key=jax.random.fold_in(key, 1), targets=targets, **cfg.hparams.get(method, {}))
+        return jpeft.apply(params, method, key=jax.random.fold_in(key, 1), **core.targets_for(method, targets, model),
+                           **cfg.hparams.get(method, {}))
 
     # compile_only: shapes alone (jax.eval_shape), so a full-size model compiles on a laptop
     adapted = jax.eval_shape(build, jax.random.key(0)) if cfg.compile_only else build(jax.random.key(0))

@@ -220,13 +220,47 @@ def read_adapter_files(directory: str | os.PathLike, config_name: str, weights_n
     return config_path, config, weights_path, tensors
 
 
-def load_adapter(directory: str | os.PathLike, params: PyTree) -> PyTree:
+def _hook_node(path: str, d: dict, tensors: dict, model: Any, params: PyTree) -> Node:
+    """The node of a method that adds computation (``params["jpeft"][method]``), all of its
+    arrays stored; with ``model``, checked against the arrays its ``init`` makes for it."""
+    from jpeft import hooks
+
+    config = core.make_config(d["method"], **d["hparams"])
+    saved = lambda kind: {k.rsplit("::", 1)[1]: jnp.asarray(v) for k, v in tensors.items() if k.startswith(f"{path}::{kind}::")}
+    trainable, frozen = saved("trainable"), saved("frozen")
+    if model is not None:
+        dims = hooks.dims_of(model)
+        try:
+            config.check(dims)
+        except ValueError as e:
+            raise ValueError(f"adapter {path!r} does not fit the model: {e}") from None
+        want = jax.eval_shape(lambda p: core.get_method(d["method"]).init(jax.random.key(0), dims, config, p), params)
+        for kind, got, expected in (("trainable", trainable, want[0]), ("frozen", frozen, want[1])):
+            found = {k: tuple(v.shape) for k, v in got.items()}
+            shapes = {k: tuple(v.shape) for k, v in expected.items()}
+            if found != shapes:
+                raise ValueError(f"adapter {path!r} ({d['method']}) holds {kind} arrays {found}; this model needs {shapes}")
+    return Node(d["method"], config, (), np.dtype(d["dtype"]), trainable, frozen, layout="", kernel_shape=())
+
+
+def load_adapter(directory: str | os.PathLike, params: PyTree, model: Any = None) -> PyTree:
     """Rebuild the adapted tree from ``params`` (the base model) and a saved adapter.
 
     Nodes take the dtype of the base leaves they are loaded onto; frozen arrays the base
-    rebuilds are recomputed from it and checked against the saved vectors.
+    rebuilds are recomputed from it and checked against the saved vectors. The nodes of
+    methods that add computation (``params["jpeft"]``) are loaded as stored; ``model`` (one
+    with ``jpeft_dims()``, or its :class:`jpeft.hooks.ModelDims`) checks that they fit it.
     """
+    from jpeft import hooks
+
     _, described, _, tensors = read_adapter_files(directory, ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+    added = {p: d for p, d in described.items() if p.startswith(f"{hooks.KEY}/")}
+    described = {p: d for p, d in described.items() if p not in added}
+    present = set(hooks.split(params)[1])
+    clash = sorted(p for p in added if p.split("/", 1)[1] in present)
+    if clash:
+        raise ValueError(f"adapter {clash} is already in the parameters")
+    hook_nodes = {p.split("/", 1)[1]: _hook_node(p, d, tensors, model, params) for p, d in added.items()}
     leaves = dict(core.leaves_with_paths(params))
 
     def node_for(path: str, base) -> Node:
@@ -261,4 +295,7 @@ def load_adapter(directory: str | os.PathLike, params: PyTree) -> PyTree:
         p = core.path_str(path)
         return node_for(p, leaf) if p in described else leaf
 
-    return jax.tree_util.tree_map_with_path(convert, params, is_leaf=core.is_leaf)
+    loaded = jax.tree_util.tree_map_with_path(convert, params, is_leaf=core.is_leaf)
+    if hook_nodes:
+        loaded = {**loaded, hooks.KEY: {**hooks.split(loaded)[1], **hook_nodes}}
+    return loaded

@@ -77,7 +77,8 @@ def print_counts(model: str, methods, targets=None, hparams=None, as_json: bool 
     from jpeft import report
 
     abstract = abstract_model(model, None if dtype is None else jnp.dtype(dtype))
-    rows = report.count_table(abstract, methods, targets=targets, hparams=hparams, quantize=quantize)
+    rows = report.count_table(abstract, methods, targets=targets, hparams=hparams, quantize=quantize,
+                              model=phi.make_model(phi.config(model)))
     if as_json:
         print(json.dumps(rows, indent=2))
     else:
@@ -102,7 +103,7 @@ def cmd_demo(args) -> None:
     import tempfile
 
     import jpeft
-    from jpeft import pipeline
+    from jpeft import core, pipeline
 
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}\n")
     model, params = phi.init(phi.config("tiny"), jax.random.key(0))
@@ -110,7 +111,7 @@ def cmd_demo(args) -> None:
     reference = model.apply({"params": params}, ids)
     print("1. Every method on a tiny Phi (Q/K/V targets); logits at init, then after a random update:")
     for method in DEMO_METHODS:
-        adapted = jpeft.apply(params, method, key=jax.random.key(2))
+        adapted = jpeft.apply(params, method, key=jax.random.key(2), **core.targets_for(method, None, model))
         start = float(jnp.abs(model.apply({"params": jpeft.materialize(adapted)}, ids) - reference).max())
         trainable, frozen = jpeft.partition(adapted)
         adapted = jpeft.combine(jax.tree_util.tree_map(lambda x: x + 0.01, trainable), frozen)
@@ -121,7 +122,8 @@ def cmd_demo(args) -> None:
     print(f"\n2. Fine-tuning {args.method} for {args.steps} steps on the bundled samples of all seven tasks "
           "(tiny random-weight Phi, locally trained tokenizer):")
     cfg = pipeline.RunConfig(
-        model="tiny", method=args.method, targets=(r".*/kernel",), tasks=pipeline.parse_tasks(["all"]),
+        model="tiny", method=args.method, tasks=pipeline.parse_tasks(["all"]),
+        targets=None if core.get_method(args.method).scope == "model" else (r".*/kernel",),
         train=train.TrainConfig(learning_rate=3e-3, warmup_steps=20, batch_size=8, max_length=160, compute_dtype="float32"),
     )
     run_dir = args.run_dir or tempfile.mkdtemp(prefix="jpeft-demo-")
@@ -158,9 +160,14 @@ def cmd_bench(args) -> None:
 def _run_config(args):
     from jpeft import pipeline
 
+    defaults = train.TrainConfig()
+    # the optimizer options are train's only (eval has no optimizer): TrainConfig's defaults elsewhere
+    optimizer = {name: getattr(args, name, getattr(defaults, name))
+                 for name in ("optimizer", "galore_rank", "galore_update_proj_gap", "galore_scale")}
     tcfg = train.TrainConfig(
         learning_rate=args.lr, warmup_steps=args.warmup_steps, epochs=args.epochs, batch_size=args.batch_size,
         grad_accum=args.grad_accum, max_length=args.max_length, compute_dtype=args.dtype, remat=args.remat, seed=args.seed,
+        **optimizer,
     )
     hparams = parse_hparams(args.set, [args.method]).get(args.method, {})
     return pipeline.RunConfig(
@@ -254,6 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", formatter_class=fmt, help="fine-tune with a method, then evaluate (resumes from the run directory)")
     _add_run_options(tr)
     tr.add_argument("--instructions", default=None, help="train on an LLM-Adapters json file instead of the tasks' train splits")
+    defaults = train.TrainConfig()
+    tr.add_argument("--optimizer", default=defaults.optimizer, choices=train.OPTIMIZERS,
+                    help="adamw, or galore: the same AdamW with each trainable matrix's moments kept in a low-rank "
+                         "projection of its gradient (jpeft.optim.galore; for --method full: the kernels with both "
+                         "sides > --galore-rank; smaller matrices and vectors get plain AdamW)")
+    tr.add_argument("--galore-rank", type=int, default=defaults.galore_rank, metavar="R",
+                    help="GaLore's projection rank (with --optimizer galore)")
+    tr.add_argument("--galore-update-proj-gap", type=int, default=defaults.galore_update_proj_gap, metavar="G",
+                    help="recompute GaLore's projections (an SVD of each gradient) every G steps")
+    tr.add_argument("--galore-scale", type=float, default=defaults.galore_scale, metavar="S",
+                    help="GaLore's scale of the projected-back update")
     tr.add_argument("--steps", type=int, default=None, help="total steps (default: epochs x steps per epoch)")
     tr.add_argument("--stop-at", type=int, default=None, help="checkpoint and stop at this step (resume later)")
     tr.add_argument("--checkpoint-every", type=int, default=100)

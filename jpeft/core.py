@@ -451,13 +451,21 @@ def _apply_model_scope(params: PyTree, method: str, spec: Method, config, key: A
             raise ValueError(f"{method} and {clash[0]} both use the {point!r} hook point; a tree holds one such method")
     config.check(dims)
     full = _also_train_paths(params, also_train, [])
-    dtype = np.dtype(dict(leaves_with_paths(params))[dims.embedding].dtype) if dims.embedding else np.dtype("float32")
+    embedding = dict(leaves_with_paths(params)).get(dims.embedding)  # the node's dtype: the model's parameters'
+    dtype = np.dtype(embedding.dtype) if hasattr(embedding, "dtype") else np.dtype("float32")
     trainable, frozen = spec.init(key, dims, config, params)
     node = Node(method, config, (), dtype, trainable, frozen, layout="", kernel_shape=())
     if full:
         params = jax.tree_util.tree_map_with_path(lambda path, leaf: full_node(leaf) if path_str(path) in full else leaf,
                                                   params, is_leaf=is_leaf)
     return {**params, hooks.KEY: {**present, method: node}}
+
+
+def targets_for(method: str, targets, model: Any) -> dict:
+    """The keyword arguments that point :func:`apply` of ``method`` at its place in a model:
+    ``targets`` for a method that adapts kernels, ``model`` for one that adds computation
+    (for tables and benchmarks that run every method with the same settings)."""
+    return {"model": model} if get_method(method).scope == "model" else {"targets": targets}
 
 
 def apply(params: PyTree, method: str, *, key: Array, targets: str | Iterable[str] | None = None,

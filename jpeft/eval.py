@@ -25,7 +25,8 @@ def make_score_fn(model) -> Callable:
     """A jitted ``(params, batch) -> (logp_sum, tokens)`` per row of a choice batch."""
 
     def score(params, batch):
-        logits = model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits = model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"],
+                             prompt_mask=train.prompt_mask(batch))
         token_logp = train.target_logprobs(logits, batch["targets"])
         mask = batch["loss_mask"].astype(jnp.float32)
         return jnp.sum(token_logp * mask, axis=-1), jnp.sum(mask, axis=-1)

@@ -128,7 +128,7 @@ def finetune(cfg: RunConfig, run_dir: str, *, max_steps=None, stop_at=None, chec
     model = model.clone(remat=cfg.train.remat)
     tokenizer = load_tokenizer(cfg)
     adapted = core.apply(params, cfg.method, key=jax.random.key(cfg.seed), targets=list(cfg.targets) if cfg.targets else None,
-                         also_train=list(cfg.also_train) if cfg.also_train else None, **cfg.hparams)
+                         also_train=list(cfg.also_train) if cfg.also_train else None, model=model, **cfg.hparams)
     if peft_out:
         peft_format.check(adapted, base=params)
     encoded = data.encode_pairs(training_pairs(cfg), tokenizer, cfg.train.max_length)
@@ -158,7 +158,7 @@ def zero_shot(cfg: RunConfig, run_dir: str | None = None, adapter: str | None = 
     dtype = jnp.dtype(cfg.train.compute_dtype)
     model, params, _ = load_model(cfg.model, dtype, dtype, cfg.seed, cfg.quantize)
     if adapter:
-        params = checkpoint.load_adapter(adapter, params)
+        params = checkpoint.load_adapter(adapter, params, model=model)
     if peft_adapter:
         params = peft_format.load(params, peft_adapter)
     return evaluate_tasks(cfg, model, params, load_tokenizer(cfg), run_dir, adapter=adapter or peft_adapter)

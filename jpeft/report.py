@@ -19,6 +19,7 @@ def count_table(
     targets=None,
     hparams: dict[str, dict] | None = None,
     quantize: str | None = None,
+    model: Any = None,
 ) -> list[dict]:
     """One row per method: trainable, frozen and total counts of ``apply`` on shapes, and
     the bytes of the frozen arrays.
@@ -27,6 +28,8 @@ def count_table(
     ``jax.eval_shape``); each method runs under ``jax.eval_shape`` so nothing is allocated.
     ``hparams[method]`` overrides the method's defaults (the thesis' settings); ``quantize``
     (``"nf4"``, ...) quantizes the base first (:func:`jpeft.quantize`'s defaults: QLoRA).
+    ``model`` (a model with ``jpeft_dims()`` or its :class:`jpeft.hooks.ModelDims`) places
+    the methods that add computation; ``targets`` the others.
     """
     hparams = hparams or {}
     base_total = sum(x.size for x in jax.tree_util.tree_leaves(abstract_params))
@@ -39,7 +42,8 @@ def count_table(
     for method in methods:
         hp = hparams.get(method, {})
         adapted = jax.eval_shape(
-            lambda p, hp=hp, method=method: core.apply(p, method, key=jax.random.key(0), targets=targets, **hp), abstract_params
+            lambda p, hp=hp, method=method: core.apply(p, method, key=jax.random.key(0),
+                                                       **core.targets_for(method, targets, model), **hp), abstract_params
         )
         counts = core.count_params(adapted)
         config = core.make_config(method, **hp)

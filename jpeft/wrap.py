@@ -94,6 +94,11 @@ def wrap(fn: Callable, *, dropout_key: Array | None = None) -> Callable:
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=core.is_leaf)
+        added = sorted({x.method for x in leaves if is_node(x) and core.get_method(x.method).scope == "model"})
+        if added:
+            raise ValueError(f"jpeft.wrap runs adapted kernels inside unmodified models; {added} add computation at "
+                             "hook points (virtual tokens, key/value prefixes, residual sites), which only a model "
+                             "implementing jpeft.hooks' protocol runs (jpeft.models.phi does)")
         # a quantized kernel no method adapts runs as a node too: dequantized where it is used
         leaves = [core.fit_meta(x) if is_node(x) else core.quantized_node(x) if is_quantized(x) else x for x in leaves]
         dynamic = [i for i, x in enumerate(leaves) if is_node(x) or _is_array(x)]
