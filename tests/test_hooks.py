@@ -95,3 +95,45 @@ def test_adapter_round_trip_and_its_checks(tiny, tmp_path):
     other = phi.make_model(dict(phi.NAMED_CONFIGS["tiny"], hidden_size=32, model_type="phi"))
     with pytest.raises(ValueError, match=r"holds trainable arrays \{'embedding': \(3, 64\)\}; this model needs \{'embedding': \(3, 32\)\}"):
         checkpoint.load_adapter(tmp_path / "a", params, model=other)
+
+
+# Two trees hold every method that adds computation between them (each hook point that
+# only one method may use, once per tree), with a kernel method beside them; training one
+# tree is one compile, its stop-and-resume two more.
+TREES = {
+    "prompt": [("lora", dict(r=2, dropout=0.0)), ("prompt_tuning", dict(num_virtual_tokens=3))],
+}
+
+
+def _adapted(params, model, methods):
+    for i, (method, hp) in enumerate(methods):
+        place = {"model": model} if jpeft.methods[method].scope == "model" else {}
+        params = jpeft.apply(params, method, key=jax.random.key(10 + i), **place, **hp)
+    return params
+
+
+@pytest.mark.parametrize("tree", sorted(TREES))
+def test_training_resumes_bit_identically_and_exports(tiny, tmp_path, tree):
+    from jpeft import data, train
+
+    # two layers: every hook runs in each, at half the compile time of the 4-layer tiny Phi
+    model, params = phi.init(dict(phi.NAMED_CONFIGS["tiny"], num_hidden_layers=2, model_type="phi"), jax.random.key(0))
+    adapted = _adapted(params, model, TREES[tree])
+    tok = data.default_tokenizer()
+    examples = data.load_task("piqa", "train", path=data.sample_path("piqa", "train"))
+    config = train.TrainConfig(learning_rate=1e-2, warmup_steps=1, batch_size=4, max_length=40, compute_dtype="float32")
+    encoded = data.encode_pairs(data.training_pairs(examples), tok, config.max_length)
+    kwargs = dict(max_steps=5, log_every=1, checkpoint_every=2, progress=False)
+    full, full_log = train.fit(model, adapted, encoded, config, str(tmp_path / "a"), **kwargs)
+    _, first = train.fit(model, adapted, encoded, config, str(tmp_path / "b"), stop_at=3, **kwargs)
+    resumed, rest = train.fit(model, adapted, encoded, config, str(tmp_path / "b"), **kwargs)
+    assert [r["loss"] for r in first + rest] == [r["loss"] for r in full_log]
+    assert full_log[-1]["loss"] < full_log[0]["loss"]
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(jpeft.partition(full)[0]),
+                            jax.tree_util.tree_leaves(jpeft.partition(resumed)[0])):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    start = jax.tree_util.tree_leaves(jpeft.partition(adapted)[0]["jpeft"])
+    moved = jax.tree_util.tree_leaves(jpeft.partition(full)[0]["jpeft"])
+    assert all(not np.array_equal(a, b) for a, b in zip(start, moved))  # every added array trained
+    loaded = checkpoint.load_adapter(tmp_path / "a" / "adapter", params, model=model)
+    np.testing.assert_array_equal(model.apply({"params": loaded}, IDS), model.apply({"params": full}, IDS))
