@@ -339,7 +339,7 @@ def _is_raw(tokenizer) -> bool:
     return isinstance(tokenizer, tokenizers.Tokenizer)
 
 
-def _token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of each text, without special tokens, in one batched call."""
     if not texts:
         return []
@@ -389,8 +389,8 @@ def encode_pairs(pairs: Sequence[tuple[str, str]], tokenizer, max_length: int, *
     used verbatim (:func:`training_pairs` already prefixes it). Too long: the prompt is cut on
     the left; an answer that cannot fit raises DataError."""
     eos, pad = special_ids(tokenizer)
-    prompts = _token_ids(tokenizer, [p for p, _ in pairs])
-    answers = _token_ids(tokenizer, [a for _, a in pairs])
+    prompts = token_ids(tokenizer, [p for p, _ in pairs])
+    answers = token_ids(tokenizer, [a for _, a in pairs])
     joined = [_join(p, a + [eos] * add_eos, max_length, f"pair {i}") for i, (p, a) in enumerate(zip(prompts, answers))]
     return EncodedPairs(tuple(s for s, _ in joined), tuple(k for _, k in joined), max_length, pad)
 
@@ -435,9 +435,9 @@ def choice_batches(examples: Sequence[Example], tokenizer, *, batch_size: int, m
     first row's tokens with ``loss_mask`` 0), so every batch has the same shape.
     """
     pad = special_ids(tokenizer)[1]
-    prompts = _token_ids(tokenizer, [ex.prompt for ex in examples])
+    prompts = token_ids(tokenizer, [ex.prompt for ex in examples])
     owners = [(e, c, len(choice)) for e, ex in enumerate(examples) for c, choice in enumerate(ex.choices)]
-    answers = _token_ids(tokenizer, [ANSWER_PREFIX + examples[e].choices[c] for e, c, _ in owners])
+    answers = token_ids(tokenizer, [ANSWER_PREFIX + examples[e].choices[c] for e, c, _ in owners])
     joined = [_join(prompts[e], a, max_length, f"{examples[e].source}, choice {c}") for (e, c, _), a in zip(owners, answers)]
     encoded = EncodedPairs(tuple(s for s, _ in joined), tuple(k for _, k in joined), max_length, pad)
     for first in range(0, len(owners), batch_size):

@@ -94,6 +94,21 @@ def training_pairs(cfg: RunConfig) -> list[tuple[str, str]]:
     return [pair for task in cfg.tasks for pair in data.training_pairs(load_examples(cfg, task, "train"))]
 
 
+def tokenized_hparams(hparams: dict, tokenizer) -> dict:
+    """``hparams`` with an ``init_text`` (prompt tuning's init text, PEFT's
+    ``prompt_tuning_init_text``) replaced by its token ids ``init_text_ids`` under the run's
+    tokenizer, as PEFT tokenizes it (no special tokens added)."""
+    if "init_text" not in hparams:
+        return dict(hparams)
+    rest = {k: v for k, v in hparams.items() if k != "init_text"}
+    if "init_text_ids" in rest:
+        raise ValueError("give init_text or init_text_ids, not both")
+    text = hparams["init_text"]
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"init_text must be a non-empty string, got {text!r}")
+    return {**rest, "init_text_ids": tuple(data.token_ids(tokenizer, [text])[0])}
+
+
 def default_run_dir(cfg: RunConfig, root: str = "runs") -> str:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return os.path.join(root, f"{stamp}-{cfg.method}-{'+'.join(cfg.tasks)}")
@@ -128,7 +143,8 @@ def finetune(cfg: RunConfig, run_dir: str, *, max_steps=None, stop_at=None, chec
     model = model.clone(remat=cfg.train.remat)
     tokenizer = load_tokenizer(cfg)
     adapted = core.apply(params, cfg.method, key=jax.random.key(cfg.seed), targets=list(cfg.targets) if cfg.targets else None,
-                         also_train=list(cfg.also_train) if cfg.also_train else None, model=model, **cfg.hparams)
+                         also_train=list(cfg.also_train) if cfg.also_train else None, model=model,
+                         **tokenized_hparams(cfg.hparams, tokenizer))
     if peft_out:
         peft_format.check(adapted, base=params)
     encoded = data.encode_pairs(training_pairs(cfg), tokenizer, cfg.train.max_length)
