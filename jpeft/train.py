@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -23,20 +25,26 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from jpeft import checkpoint, core, data
+from jpeft import checkpoint, core, data, optim
 
 PyTree = Any
 Array = jax.Array
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+#: ``TrainConfig.optimizer`` values: AdamW, or GaLore (:mod:`jpeft.optim`) around the same AdamW
+OPTIMIZERS = ("adamw", "galore")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Training hyper-parameters; defaults are the thesis' Table A.1 (AdamW, lr 2e-4,
     linear schedule with 100 warm-up steps, batch 16, 3 epochs, adapter dropout 0.05 —
-    the dropout itself is a method hyper-parameter)."""
+    the dropout itself is a method hyper-parameter).
+
+    ``optimizer="galore"`` runs the same AdamW inside GaLore (:func:`optimizer`): the
+    ``galore_*`` fields are its rank, projector refresh interval and scale (GaLore's
+    defaults, 128 / 200 / 0.25), unused with ``"adamw"``."""
 
     learning_rate: float = 2e-4
     warmup_steps: int = 100
@@ -49,6 +57,10 @@ class TrainConfig:
     compute_dtype: str = "bfloat16"
     remat: str = "none"  # what each layer keeps for backward: none / dots / full (jpeft.models.phi.REMAT_POLICIES)
     seed: int = 0
+    optimizer: str = "adamw"  # adamw / galore (OPTIMIZERS)
+    galore_rank: int = 128
+    galore_update_proj_gap: int = 200
+    galore_scale: float = 0.25
 
     def __post_init__(self):
         from jpeft.models.phi import check_remat
@@ -65,6 +77,15 @@ class TrainConfig:
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be float32, bfloat16 or float16, got {self.compute_dtype!r}")
         check_remat(self.remat)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        for name in ("galore_rank", "galore_update_proj_gap"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        scale = self.galore_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"galore_scale must be a positive finite number, got {scale!r}")
 
 
 def schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
@@ -80,11 +101,32 @@ def schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
 
 
 def optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
-    """AdamW on the schedule, after global-norm clipping (as the HF Trainer the thesis used)."""
-    adamw = optax.adamw(schedule(config, total_steps), weight_decay=config.weight_decay)
+    """AdamW on the schedule, after global-norm clipping (as the HF Trainer the thesis used).
+
+    ``config.optimizer == "galore"``: the same chain with optax's Adam run inside
+    :func:`jpeft.optim.galore` (rank ``galore_rank``, projectors refreshed every
+    ``galore_update_proj_gap`` updates, ``galore_scale``), i.e. ``clip -> galore(scale_by_adam)
+    -> add_decayed_weights -> scale_by_learning_rate``, which is ``optax.adamw``'s own chain.
+    GaLore projects the 2-D trainable leaves whose smaller side exceeds the rank (its default
+    selection, :func:`jpeft.optim.projected_leaves`): the kernels of ``full`` nodes, not
+    adapter factors of rank <= ``galore_rank`` (LoRA's ``a``, ``b``), vectors or small
+    matrices, which get exactly AdamW's update. Weight decay is AdamW's (the old weight,
+    ``-lr·(u + λW)``), not galore-torch's decay of the stepped weight
+    (:func:`jpeft.optim.galore_adamw`, which also uses transformers' ``ε = 1e-6``).
+    """
+    lr = schedule(config, total_steps)
+    if config.optimizer == "galore":
+        tx = optax.chain(
+            optim.galore(config.galore_rank, config.galore_update_proj_gap, config.galore_scale,
+                         inner=optax.scale_by_adam()),
+            optax.add_decayed_weights(config.weight_decay),
+            optax.scale_by_learning_rate(lr),
+        )
+    else:
+        tx = optax.adamw(lr, weight_decay=config.weight_decay)
     if config.max_grad_norm is None:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
+        return tx
+    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), tx)
 
 
 class TrainState(NamedTuple):
@@ -272,7 +314,10 @@ def fit(
     crash or Ctrl-C checkpoints the last completed step before re-raising. Methods with
     training hooks (:func:`method_hooks`; AdaLoRA's regularizer and rank budget) run them in
     the jitted step, their state checkpointed with the run, after filling in what depends on
-    the run (AdaLoRA's ``total_step``: the schedule's steps, unless given). Logs go to
+    the run (AdaLoRA's ``total_step``: the schedule's steps, unless given). With
+    ``config.optimizer == "galore"`` the projectors and GaLore's count are part of the
+    optimizer state, so they are checkpointed and a resumed run refreshes on the same steps;
+    a warning says when GaLore projects no trainable leaf (all plain AdamW). Logs go to
     ``run_dir/log.jsonl``; the final adapter to ``run_dir/adapter``.
     Returns the trained adapted tree and the logged records.
     """
@@ -286,6 +331,9 @@ def fit(
     for h in hooks.values():  # run-dependent hyper-parameters (AdaLoRA's total_step)
         adapted = h.prepare(adapted, total)
     trainable, frozen = core.partition(adapted)
+    if config.optimizer == "galore" and not any(jax.tree_util.tree_leaves(optim.projected_leaves(trainable, config.galore_rank))):
+        warnings.warn(f"optimizer 'galore' projects no trainable leaf (none is a matrix with both sides > "
+                      f"galore_rank={config.galore_rank}): every leaf gets plain AdamW", stacklevel=2)
     frozen = replicate(frozen, mesh)
     tx = optimizer(config, total)
     # every leaf committed to the mesh (the step counter, the RNG and optax's counts too): the

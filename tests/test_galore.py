@@ -1,6 +1,8 @@
 """GaLore (jpeft.optim): parity with galore-torch 1.0's GaLoreAdamW, state memory at Phi-1.5
 size, jit, composition with optax, input checks."""
 
+import dataclasses
+import json
 import math
 import warnings
 
@@ -10,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 
+import jpeft
 from jpeft import optim
 
 
@@ -322,3 +325,183 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"rank must be an integer >= 1, got -3"):
         optim.state_bytes(p, -3)
     assert math.isfinite(optim.state_bytes(p, 2))
+
+
+# --------------------------------------------------------------------------- in training (jpeft train --optimizer galore)
+
+
+def _galore_state(opt_state):
+    """The GaLoreState inside a train.optimizer state."""
+    found = [x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, optim.GaLoreState))
+             if isinstance(x, optim.GaLoreState)]
+    assert len(found) == 1
+    return found[0]
+
+
+def test_train_config_optimizer_checks():
+    from jpeft import train
+
+    assert train.TrainConfig().optimizer == "adamw" and train.OPTIMIZERS == ("adamw", "galore")
+    with pytest.raises(ValueError, match=r"optimizer must be one of adamw, galore, got 'sgd'"):
+        train.TrainConfig(optimizer="sgd")
+    for name, bad in [("galore_rank", 0), ("galore_rank", 2.5), ("galore_update_proj_gap", -1), ("galore_rank", True)]:
+        with pytest.raises(ValueError, match=rf"{name} must be a positive integer, got {bad!r}"):
+            train.TrainConfig(optimizer="galore", **{name: bad})
+    for bad in (0.0, -0.25, float("inf")):
+        with pytest.raises(ValueError, match=rf"galore_scale must be a positive finite number, got {bad!r}"):
+            train.TrainConfig(galore_scale=bad)
+
+
+def test_train_optimizer_projects_the_large_matrices_only():
+    """train.optimizer(optimizer="galore"): clipping, then GaLore around optax's Adam, AdamW's
+    decay and the schedule; a matrix with both sides > galore_rank is projected, the other
+    leaves get exactly the update of optimizer="adamw"."""
+    from jpeft import train
+
+    rng = np.random.default_rng(5)
+    params = {"big": jnp.asarray(rng.standard_normal((48, 40)), jnp.float32),
+              "small": jnp.asarray(rng.standard_normal((6, 40)), jnp.float32),  # min side 6 <= rank 6
+              "vec": jnp.asarray(rng.standard_normal(40), jnp.float32)}
+    grads = [jax.tree_util.tree_map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), params)
+             for _ in range(3)]
+    common = dict(learning_rate=1e-2, warmup_steps=0, weight_decay=0.1, max_grad_norm=1.0)
+    galore_cfg = train.TrainConfig(optimizer="galore", galore_rank=6, galore_update_proj_gap=2, **common)
+    tx, adamw = train.optimizer(galore_cfg, 10), train.optimizer(train.TrainConfig(**common), 10)
+    g = _galore_state(jax.eval_shape(tx.init, params))
+    assert g.projectors["big"].shape == (6, 40)  # Q (r × n) for m >= n
+    assert isinstance(g.projectors["small"], optax.MaskedNode) and isinstance(g.projectors["vec"], optax.MaskedNode)
+    assert g.inner_state.mu["big"].shape == (48, 6)  # optax's Adam moments in the projected shape
+    assert g.inner_state.mu["small"].shape == (6, 40) and g.inner_state.mu["vec"].shape == (40,)
+
+    @jax.jit
+    def trajectories(params, grads):  # both optimizers' updates, 3 steps, one compile
+        out = []
+        for opt in (tx, adamw):
+            p, state, updates = params, opt.init(params), []
+            for gt in grads:
+                u, state = opt.update(gt, state, p)
+                p = optax.apply_updates(p, u)
+                updates.append(u)
+            out.append((updates, state))
+        return out
+
+    (ours, s), (theirs, _) = trajectories(params, grads)
+    for u, ua in zip(ours, theirs):
+        for k in ("small", "vec"):  # the same parameters and gradients: AdamW's update, bit for bit
+            np.testing.assert_array_equal(np.asarray(u[k]), np.asarray(ua[k]))
+        assert not np.allclose(np.asarray(u["big"]), np.asarray(ua["big"]))
+    assert int(_galore_state(s).count) == 3
+    # on jpeft trees: a `full` node's trainable is the whole kernel, projected; LoRA's rank-8
+    # factors are not at rank 128 (nor at 8), they are at 4
+    from jpeft.models import phi
+
+    shapes = jax.eval_shape(lambda k: phi.init(phi.config("tiny"), k)[1], jax.random.key(0))
+
+    def projected(method, rank, **kw):
+        tr = jax.eval_shape(lambda p: jpeft.partition(jpeft.apply(p, method, key=jax.random.key(1), **kw))[0], shapes)
+        return {jpeft.core.path_str(pth): on for pth, on in
+                jax.tree_util.tree_flatten_with_path(optim.projected_leaves(tr, rank))[0]}
+
+    full = projected("full", 4, targets=r".*/kernel")
+    assert len(full) == 25 and all(full.values()) and all(k.endswith("kernel/trainable/weight") for k in full)
+    lora = dict(r=8)
+    assert not any(projected("lora", 128, **lora).values()) and not any(projected("lora", 8, **lora).values())
+    assert all(projected("lora", 4, **lora).values())
+
+
+@pytest.fixture
+def one_train_step(monkeypatch):
+    """train.make_train_step built once and reused by every later fit in the test: runs with
+    the same model, method and TrainConfig compile their step once (jit's cache is per
+    function object, and fit builds a new one per run)."""
+    from jpeft import train
+
+    built = {}
+    real = train.make_train_step
+
+    def make_once(*args, **kwargs):
+        if "step" not in built:
+            built["step"] = real(*args, **kwargs)
+        return built["step"]
+
+    monkeypatch.setattr(train, "make_train_step", make_once)
+    return built
+
+
+def test_cli_full_training_with_galore_resumes_bit_for_bit(tmp_path, capsys, one_train_step):
+    """jpeft train --method full --optimizer galore on the tiny Phi (layer 0's MLP kernels as
+    `full` nodes, projected at rank 4: fc1 64 × 256 on the left, fc2 256 × 64 on the right;
+    refreshed every 2 steps, before steps 1, 3, 5; one batch of 4, seen at every step): the
+    loss goes down and run.json records the optimizer. The same run through train.fit, stopped
+    at step 3 (the checkpoint holds GaLore's count and projectors) and resumed, equals it bit
+    for bit (losses, gradient norms, trained kernels) across the refresh before step 5."""
+    from safetensors.numpy import load_file
+
+    from jpeft import checkpoint, cli, data, pipeline, train
+
+    args = ["train", "--model", "tiny", "--method", "full", "--targets", ".*layers_0/mlp/(fc1|fc2)/kernel",
+            "--tasks", "piqa", "--limit", "4", "--dtype", "float32", "--batch-size", "4", "--max-length", "64",
+            "--lr", "1e-2", "--warmup-steps", "0",
+            "--optimizer", "galore", "--galore-rank", "4", "--galore-update-proj-gap", "2", "--galore-scale", "1",
+            "--steps", "6", "--log-every", "1", "--run-dir"]
+    cli.main([*args, str(tmp_path / "a"), "--stop-at", "6"])  # uninterrupted (the stop skips the evaluation)
+    assert "final loss" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "a" / "run.json").read_text())["train"]
+    assert {k: saved[k] for k in ("optimizer", "galore_rank", "galore_update_proj_gap", "galore_scale")} == {
+        "optimizer": "galore", "galore_rank": 4, "galore_update_proj_gap": 2, "galore_scale": 1.0}
+
+    # the same run as pipeline.finetune sets it up, through train.fit: stopped at 3, resumed
+    cfg = cli._run_config(cli.build_parser().parse_args([*args, str(tmp_path / "b")]))
+    dtype = jnp.dtype(cfg.train.compute_dtype)
+    model, params, _ = pipeline.load_model(cfg.model, dtype, dtype, cfg.seed, cfg.quantize)
+    adapted = jpeft.apply(params, cfg.method, key=jax.random.key(cfg.seed), targets=list(cfg.targets))
+    encoded = data.encode_pairs(pipeline.training_pairs(cfg), pipeline.load_tokenizer(cfg), cfg.train.max_length)
+    fit = lambda **kw: train.fit(model, adapted, encoded, cfg.train, str(tmp_path / "b"), max_steps=6,  # noqa: E731
+                                 log_every=1, progress=False, **kw)
+    fit(stop_at=3)
+    # the checkpoint of step 3: GaLore's count, the projectors of the refresh before step 3
+    template = train.init_state(jpeft.partition(adapted)[0], train.optimizer(cfg.train, 6), 0)
+    saver = checkpoint.Checkpointer(tmp_path / "b" / "checkpoints")
+    state, extra = saver.restore(template)
+    saver.close()
+    g = _galore_state(state.opt_state)
+    assert int(state.step) == int(g.count) == 3 and extra["step"] == 3
+    mlp = g.projectors["model"]["layers_0"]["mlp"]
+    p = np.asarray(mlp["fc1"]["kernel"].trainable["weight"])  # P, 64 × 4 (64 < 256)
+    q = np.asarray(mlp["fc2"]["kernel"].trainable["weight"])  # Q, 4 × 64 (256 >= 64)
+    assert p.shape == (64, 4) and q.shape == (4, 64)
+    np.testing.assert_allclose(p.T @ p, np.eye(4), atol=1e-5)
+    np.testing.assert_allclose(q @ q.T, np.eye(4), atol=1e-5)
+    fit()  # resumes at step 4
+
+    def log(run):
+        return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}
+                for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+
+    assert [r["step"] for r in log("b")] == [1, 2, 3, 4, 5, 6]
+    assert log("b") == log("a")  # float equality: bit for bit
+    losses = [r["loss"] for r in log("a")]  # on the same batch every step
+    assert all(np.diff(losses) < 0) and losses[-1] < losses[0] - 0.2, losses
+    a, b = (load_file(tmp_path / run / "adapter" / checkpoint.ADAPTER_WEIGHTS) for run in ("a", "b"))
+    assert a.keys() == b.keys() and len(a) == 2
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert one_train_step["step"]._cache_size() == 1  # one compiled step served the three runs
+    # LoRA's rank-8 factors at GaLore's default rank 128: nothing projected, fit says so
+    lora = jpeft.apply(params, "lora", key=jax.random.key(0), r=8)
+    with pytest.warns(UserWarning, match=r"'galore' projects no trainable leaf .* galore_rank=128\): every leaf gets plain AdamW"):
+        train.fit(model, lora, encoded, dataclasses.replace(cfg.train, galore_rank=128), str(tmp_path / "c"),
+                  max_steps=6, stop_at=0, progress=False)  # stops before the first step: nothing compiled
+
+
+def test_cli_optimizer_errors(tmp_path, capsys):
+    from jpeft import cli
+
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--optimizer", "sgd", "--run-dir", str(run)])
+    assert exit_.value.code == 2 and "argument --optimizer: invalid choice: 'sgd'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--optimizer", "galore", "--galore-rank", "0", "--run-dir", str(run)])
+    assert exit_.value.code == 2 and "galore_rank must be a positive integer, got 0" in capsys.readouterr().err
+    assert not run.exists()
