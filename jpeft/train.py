@@ -174,6 +174,16 @@ def token_loss(logits: Array, targets: Array, mask: Array) -> tuple[Array, Array
     return -jnp.sum(target_logprobs(logits, targets) * mask), jnp.sum(mask)
 
 
+def prompt_mask(batch: dict) -> Array:
+    """The prompt tokens of each row: attended tokens up to the one that predicts the first
+    answer token (``loss_mask`` marks answer tokens of ``targets``, which are the inputs
+    shifted by one). What position-based interventions (LoReFT's "first/last k of the
+    prompt") count within, in training and in evaluation alike."""
+    answer = batch["loss_mask"].astype(jnp.int32)
+    before_answer = (jnp.cumsum(answer, axis=-1) - answer) == 0
+    return batch["attention_mask"].astype(bool) & before_answer
+
+
 def lm_loss_fn(model) -> Callable:
     """``loss(params, batch, dropout_key) -> (sum_nll, tokens)`` for a causal LM.
 
@@ -188,6 +198,7 @@ def lm_loss_fn(model) -> Callable:
             attention_mask=batch["attention_mask"],
             deterministic=dropout_key is None,
             rngs=None if dropout_key is None else {"dropout": dropout_key},
+            prompt_mask=prompt_mask(batch),
         )
         return token_loss(logits, batch["targets"], batch["loss_mask"])
 
