@@ -15,6 +15,8 @@ from jpeft.methods import lora
 from jpeft.methods import loraxs
 from jpeft.methods import mora
 from jpeft.methods import oft
+from jpeft.methods import p_tuning
+from jpeft.methods import prefix_tuning
 from jpeft.methods import prompt_tuning
 from jpeft.methods import rhoft
 from jpeft.methods import sbora
@@ -46,6 +48,8 @@ BUILTIN = {
     "loraxs": loraxs.METHOD,
     # methods that add computation at the model's hook points (jpeft.hooks)
     "prompt_tuning": prompt_tuning.METHOD,
+    "p_tuning": p_tuning.METHOD,
+    "prefix_tuning": prefix_tuning.METHOD,
     "bitfit": bitfit.METHOD,
     "full": full.METHOD,
 }

@@ -6,9 +6,12 @@ are attended like tokens and take the first P positions; the model returns the l
 the real tokens only (HF PEFT's ``PromptTuningConfig`` returns all P + T; the last T are
 the same numbers).
 
-Init (PEFT's ``prompt_tuning_init``): ``"random"``, ``E ~ N(0, 1)`` as ``torch.nn.Embedding``
-draws; ``"text"``, rows of the model's token embedding for ``init_text_ids`` (the
-tokenized init text), repeated to P and cut at P, as PEFT does.
+Init (PEFT's ``prompt_tuning_init``): ``"random"`` (PEFT's default), ``E ~ N(0, 1)`` as
+``torch.nn.Embedding`` draws; ``"text"``, rows of the model's token embedding for
+``init_text_ids`` (the tokenized init text), repeated to P and cut at P, as PEFT does:
+PEFT's ``"TEXT"`` takes ``tokenizer(prompt_tuning_init_text)["input_ids"]`` with the
+tokenizer at ``tokenizer_name_or_path``, so those ids give its rows exactly. ``E`` is
+PEFT's ``embedding.weight``; ``"SAMPLE_VOCAB"`` has no counterpart here.
 
 Hook point: ``"embeddings"`` (:mod:`jpeft.hooks`). Parameters: P·d (Phi-1.5 at P = 20:
 40,960).
