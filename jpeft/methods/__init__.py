@@ -1,6 +1,8 @@
 """One module per method; each exposes ``METHOD``, a :class:`jpeft.methods.base.Method`."""
 
 from jpeft.methods import adalora
+from jpeft.methods import adamix
+from jpeft.methods import adapter
 from jpeft.methods import bitfit
 from jpeft.methods import boft
 from jpeft.methods import dora
@@ -48,6 +50,8 @@ BUILTIN = {
     "loraxs": loraxs.METHOD,
     # methods that add computation at the model's hook points (jpeft.hooks)
     "prompt_tuning": prompt_tuning.METHOD,
+    "adapter": adapter.METHOD,
+    "adamix": adamix.METHOD,
     "p_tuning": p_tuning.METHOD,
     "prefix_tuning": prefix_tuning.METHOD,
     "bitfit": bitfit.METHOD,
