@@ -157,7 +157,9 @@ def test_inputs_embeds_and_prefix_kv(loaded, ids):
     _, cache = model.apply({"params": params}, x[:, :1], cache=cache)
     with_cache, _ = model.apply({"params": params}, x[:, 1:], position_ids=jnp.broadcast_to(jnp.arange(1, 11), (3, 10)), cache=cache)
     prefix = [(jnp.swapaxes(c["k"][:, :1], 1, 2), jnp.swapaxes(c["v"][:, :1], 1, 2)) for c in cache["layers"]]
-    with_prefix = model.apply({"params": params}, x[:, 1:], position_ids=jnp.broadcast_to(jnp.arange(1, 11), (3, 10)), prefix_kv=prefix)
+    # positions number the real tokens; the model shifts them past the one-position prefix
+    with_prefix = model.apply({"params": params}, x[:, 1:], position_ids=jnp.broadcast_to(jnp.arange(10), (3, 10)), prefix_kv=prefix)
+    np.testing.assert_allclose(model.apply({"params": params}, x[:, 1:], prefix_kv=prefix), with_prefix, atol=1e-6)
     np.testing.assert_allclose(with_prefix, with_cache, atol=1e-5)
     without = model.apply({"params": params}, x[:, 1:], position_ids=jnp.broadcast_to(jnp.arange(1, 11), (3, 10)))
     assert np.abs(with_prefix - without).max() > 1e-3

@@ -328,15 +328,26 @@ class PhiForCausalLM(nn.Module):
         a cache it covers only the new tokens; the cache remembers earlier ones.
       position_ids: (batch, length); default ``max(cumsum(mask) - 1, 0)`` over everything
         seen so far, so left-padded prompts get the positions HF ``generate`` gives them.
+        Positions number the real tokens: the model shifts them past the virtual tokens and
+        the prefix below (as transformers numbers tokens after a ``past_key_values`` prefix).
       prefix_kv: one ``(key, value)`` per layer, each (batch, heads, prefix, head_dim),
-        used as is (no rotary) and attended to by every position; token positions do not
-        count the prefix.
+        used as is (no rotary) and attended to by every position; the prefix takes the
+        first positions (a prefix-tuning node gives it from the parameters instead).
       cache: from :func:`init_cache`; the new tokens are written at its ``index``.
       deterministic: False enables dropout (the config's rates and jpeft adapter
         dropout), drawing from the ``"dropout"`` rng.
+      prompt_mask: (batch, length) bool, the prompt's tokens, where position-based
+        interventions (LoReFT) count; default: every attended token of a pass that starts
+        the sequence, none of one that continues it.
+      start: whether this pass starts the sequence (prompt and P-tuning's virtual tokens are
+        prepended then); default ``True`` without a cache, and required with a cache when
+        the parameters hold such methods (``True`` for the prompt, ``False`` after).
+      hooks: the nodes of methods that add computation (:mod:`jpeft.hooks`); ``apply``
+        takes them from ``params["jpeft"]``.
 
     Returns:
-      float32 logits (batch, length, vocab), or ``(logits, cache)`` when a cache is given.
+      float32 logits (batch, length, vocab) of the real tokens (virtual tokens give none),
+      or ``(logits, cache)`` when a cache is given.
     """
 
     spec: Spec
@@ -413,6 +424,8 @@ class PhiForCausalLM(nn.Module):
             prompt_mask = jnp.concatenate([jnp.zeros((b, v), bool), prompt_mask], axis=1)
             if position_ids is not None:
                 position_ids = jnp.concatenate([jnp.broadcast_to(jnp.arange(v), (b, v)), position_ids + v], axis=1)
+        if position_ids is not None:  # given for the real tokens alone: a prefix comes first (as PEFT shifts them)
+            position_ids = position_ids + n_prefix
         t_all = mask.shape[1]
         size = t_all if cache is None else cache["mask"].shape[1]
         if size + n_prefix > s.max_positions:
