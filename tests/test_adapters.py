@@ -259,6 +259,21 @@ def test_kinds_touch_their_sites_in_the_chosen_layers(tiny, kind):
     assert touched == ({(1, "attn"), (1, "mlp")} if kind == "houlsby" else {(1, "mlp")})
 
 
+def test_dropout_acts_on_the_scaled_output_in_training_only(tiny):
+    """The library's ``self.dropout(up * scaling)``: each entry of the adapter's part is
+    dropped or kept and divided by 1 - p; without a key (evaluation) nothing is dropped."""
+    model, params = tiny
+    node = adapted_with(params, model, "adapter", 2, kind="pfeiffer", dropout=0.5)["jpeft"]["adapter"]
+    assert adapter.uses_key(node.config) and not adapter.uses_key(adapter.AdapterConfig())
+    out = jnp.asarray(np.random.RandomState(3).randn(2, 8, 64), jnp.float32)
+    part = adapter.residual(node, 0, "mlp", out, out, None, None) - out
+    dropped = adapter.residual(node, 0, "mlp", out, out, None, jax.random.key(4)) - out
+    kept = np.isclose(dropped, 2 * part, rtol=1e-5, atol=1e-6)
+    assert np.all(kept | (dropped == 0)) and 0.4 < kept.mean() < 0.6
+    undropped = node.replace(config=adapter.AdapterConfig(kind="pfeiffer"))
+    np.testing.assert_array_equal(part + out, adapter.residual(undropped, 0, "mlp", out, out, None, None))
+
+
 # ------------------------------------------------------------------ AdaMix
 
 

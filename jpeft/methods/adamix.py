@@ -78,7 +78,8 @@ class AdaMixConfig:
     def __post_init__(self):
         base.positive_int("num_experts", self.num_experts)
         for name in ("share_down", "share_up"):
-            base.require(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            base.require(isinstance(value, bool), f"{name} must be True or False, got {value!r}")
         adapter.resolve(self, non_linearity=NON_LINEARITY)
 
     def check(self, dims) -> None:
@@ -93,7 +94,7 @@ class AdaMixConfig:
         """How many projections each side has: ``{"down": E_d, "up": E_u}``."""
         return {"down": 1 if self.share_down else self.num_experts, "up": 1 if self.share_up else self.num_experts}
 
-    def merged(self) -> adapter.AdapterConfig:
+    def adapter_config(self) -> adapter.AdapterConfig:
         """The config of the single adapter that the merged experts form."""
         return adapter.AdapterConfig(kind=self.kind, reduction_factor=self.reduction_factor,
                                      non_linearity=self.non_linearity, layers=self.layers, dropout=self.dropout,
@@ -143,7 +144,7 @@ def residual(node: Node, layer: int, site: str, out: Array, inp: Array, context,
 
 def merged(node: Node) -> Node:
     """The ``adapter`` node of the averaged experts (AdaMix's inference form)."""
-    return Node("adapter", node.config.merged(), node.shape, node.dtype, merge(node.trainable), {},
+    return Node("adapter", node.config.adapter_config(), node.shape, node.dtype, merge(node.trainable), {},
                 layout=node.layout, kernel_shape=node.kernel_shape)
 
 

@@ -47,8 +47,8 @@ the adapted layers (the library's ``leave_out`` names the others).
 
 Init (``init_weights``, the library's schemes): ``"bert"``, both weights ``N(0, 0.02²)``,
 biases 0 (the adapter does not start at zero: its output is small, not nil);
-``"mam_adapter"``, ``W_down`` as PyTorch's ``kaiming_uniform_(a=√5)`` (``U(±1/√d)``) and
-``W_up``, both biases 0, so the adapted model equals the base at init; ``"houlsby"``,
+``"mam_adapter"``, ``W_down`` as PyTorch's ``kaiming_uniform_(a=√5)`` (``U(±1/√d)``), ``W_up``
+and both biases 0, so the adapted model equals the base at init; ``"houlsby"``,
 both weights truncated ``N(0, 0.01²)`` in ±0.02, biases 0. Non-linearities: the
 library's names (``transformers``' ``get_activation`` of the lower-cased name, and its
 own ``"leakyrelu"``), see :data:`NON_LINEARITIES`.
@@ -127,7 +127,8 @@ def resolve(config: Any, **defaults: Any) -> None:
     """Validate the fields a bottleneck config shares (``kind``, ``reduction_factor``,
     ``non_linearity``, ``layers``, ``dropout``, ``init_weights``, ``scaling``) and fill
     those left at ``None`` from ``defaults``, then from the kind's library defaults."""
-    base.require(config.kind in KINDS, f"kind must be one of {sorted(KINDS)}, got {config.kind!r}")
+    base.require(isinstance(config.kind, str) and config.kind in KINDS,
+                 f"kind must be one of {sorted(KINDS)}, got {config.kind!r}")
     kind = KINDS[config.kind]
     fill = lambda name: defaults.get(name, getattr(kind, name))  # noqa: E731
     for name in ("reduction_factor", "non_linearity", "init_weights", "scaling"):
@@ -138,9 +139,11 @@ def resolve(config: Any, **defaults: Any) -> None:
     base.require(isinstance(nl, str) and nl.lower() in NON_LINEARITIES,
                  f"non_linearity must be one of {sorted(NON_LINEARITIES)}, got {nl!r}")
     object.__setattr__(config, "non_linearity", nl.lower())
-    base.require(config.init_weights in INIT_WEIGHTS, f"init_weights must be one of {INIT_WEIGHTS}, got {config.init_weights!r}")
+    base.require(config.init_weights in INIT_WEIGHTS,
+                 f"init_weights must be one of {INIT_WEIGHTS}, got {config.init_weights!r}")
     scaling = config.scaling
-    base.require(not isinstance(scaling, bool) and isinstance(scaling, (int, float)) and math.isfinite(scaling) and scaling != 0,
+    number = not isinstance(scaling, bool) and isinstance(scaling, (int, float))
+    base.require(number and math.isfinite(scaling) and scaling != 0,
                  f"scaling must be a finite non-zero number, got {scaling!r}")
     object.__setattr__(config, "scaling", float(scaling))
     base.probability("dropout", config.dropout)
@@ -148,7 +151,8 @@ def resolve(config: Any, **defaults: Any) -> None:
         layers = config.layers
         ok = isinstance(layers, (list, tuple)) and len(layers) > 0 and all(
             isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)
-        base.require(ok, f"layers must be None (every layer) or a non-empty list of layer indices (integers >= 0), got {layers!r}")
+        base.require(ok, f"layers must be None (every layer) or a non-empty list of layer indices (integers >= 0), "
+                         f"got {layers!r}")
         base.require(len(set(layers)) == len(layers), f"layers repeats an index: {layers!r}")
         object.__setattr__(config, "layers", tuple(sorted(layers)))
 
@@ -159,7 +163,8 @@ def check_dims(config: Any, dims) -> None:
     base.require(dims.hidden % rf == 0, f"reduction_factor={rf} does not divide the model's hidden size {dims.hidden}")
     if config.layers is not None:
         bad = [i for i in config.layers if i >= dims.layers]
-        base.require(not bad, f"layers {bad} are out of range: the model has {dims.layers} layers (0 to {dims.layers - 1})")
+        base.require(not bad, f"layers {bad} are out of range: the model has {dims.layers} layers "
+                              f"(0 to {dims.layers - 1})")
 
 
 @dataclasses.dataclass(frozen=True)
