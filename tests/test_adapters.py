@@ -350,6 +350,21 @@ def test_gradients_reach_every_array_and_a_step_lowers_the_loss(tiny):
     assert float(step(stepped)[0]) < float(before) - 1e-4
 
 
+def test_adapter_exports_reload_and_adamix_exports_its_merged_adapter(tiny, tmp_path):
+    from jpeft import checkpoint
+
+    model, params = tiny
+    for i, (method, hparams) in enumerate([("adapter", dict(kind="houlsby", layers=[1], non_linearity="tanh")),
+                                           ("adamix", dict(num_experts=3, share_up=True))]):
+        adapted = adapted_with(params, model, method, 6, **hparams)
+        for j, tree in enumerate([adapted, jpeft.materialize(adapted)]):
+            checkpoint.save_adapter(tmp_path / f"{i}{j}", tree)
+            loaded = checkpoint.load_adapter(tmp_path / f"{i}{j}", params, model=model)
+            assert loaded["jpeft"][method].config == tree["jpeft"][method].config  # the JSON round trip keeps it
+            np.testing.assert_array_equal(model.apply({"params": loaded}, X), model.apply({"params": adapted}, X))
+    assert loaded["jpeft"]["adamix"].method == "adapter"
+
+
 def test_adamix_counts_experts_times_the_adapter(tiny):
     model, params = tiny
     count = lambda method, **kw: jpeft.count_params(adapted_with(params, model, method, 0, **kw))["trainable"]  # noqa: E731

@@ -9,9 +9,9 @@ one down and one up expert, independently and uniformly at random (stochastic ro
 
 with ``x``, ``s``, ``f`` and the placement of the bottleneck adapter (:mod:`jpeft.methods.adapter`,
 ``kind``; default ``"pfeiffer"``: one adapter on the MLP output, where the official code
-puts its ``ExpertSoup``). In evaluation the experts are merged, ``W = mean_i W^i`` and
+puts its ``ExpertSoup``; the paper's figure draws Houlsby adapters, ``kind="houlsby"``). In evaluation the experts are merged, ``W = mean_i W^i`` and
 ``b = mean_i b^i`` for the down and the up projections ("adaptation merging"), so
-inference costs one adapter: :attr:`Hooks.merged` turns the node into an ``adapter``
+inference costs one adapter: :attr:`jpeft.methods.base.Hooks.merged` turns the node into an ``adapter``
 node with the averaged arrays (what ``jpeft.materialize`` returns), and the path without
 a key (evaluation) computes the same averaged adapter.
 
@@ -28,8 +28,8 @@ adapters use GELU (``get_activation("gelu")``, the exact one), hence the default
 ``init_weights``, ``scaling``, ``reduction_factor``: ``"bert"``, 1, 16 for Pfeiffer; the
 official code also draws ``N(0, 0.02²)`` weights and zero biases through BERT's init).
 
-Not included: the consistency regularizer. The official trainer runs a second
-stochastic forward pass and adds the symmetric KL divergence of the two predictions
+Not included: the consistency regularizer. In training the official models run a second
+stochastic forward pass and add the symmetric KL divergence of the two predictions
 (:func:`consistency_loss`, weight 1 for GLUE, 100 for its GPT-2 NLG runs); that needs two
 forward passes per step, which a method's ``Training.regularizer`` (a function of the
 trainable arrays only) cannot express, so ``jpeft.train`` does not add it. The
