@@ -344,7 +344,8 @@ def run_jpeft(cfg: BenchConfig, method: str, route: str = "jpeft") -> dict:
 
 
 #: Methods HF PEFT also has; its HRA is also timed as the Householder baseline of shoft/rhoft.
-PEFT_METHODS = ("lora", "dora", "lokr", "oft", "boft", "hra", "loha", "ia3", "vera", "adalora")
+PEFT_METHODS = ("lora", "dora", "lokr", "oft", "boft", "hra", "loha", "ia3", "vera", "adalora", "prompt_tuning",
+                "p_tuning", "prefix_tuning")
 #: jpeft's LoRA init -> PEFT's ``init_lora_weights``
 PEFT_LORA_INIT = {"gaussian": "gaussian", "kaiming": True, "pissa": "pissa", "olora": "olora"}
 
@@ -377,6 +378,14 @@ def peft_config(method: str, hparams: dict, target_modules: list[str]):
     if method == "adalora":  # the step alone: the rank budget schedule runs between steps
         return peft.AdaLoraConfig(init_r=c.r, target_r=c.target_r, lora_alpha=c.alpha, lora_dropout=c.dropout,
                                   orth_reg_weight=c.orth_reg_weight, total_step=c.total_step or 1000, target_modules=target_modules)
+    prompt = dict(task_type="CAUSAL_LM", num_virtual_tokens=getattr(c, "num_virtual_tokens", None))
+    if method == "prompt_tuning":  # random init: a text init needs PEFT a tokenizer, and costs the same
+        return peft.PromptTuningConfig(**prompt)
+    if method == "p_tuning":
+        return peft.PromptEncoderConfig(**prompt, encoder_reparameterization_type=c.encoder.upper(),
+                                        encoder_hidden_size=c.encoder_hidden_size, encoder_num_layers=c.encoder_num_layers)
+    if method == "prefix_tuning":
+        return peft.PrefixTuningConfig(**prompt, prefix_projection=c.projection, encoder_hidden_size=c.encoder_hidden_size)
     raise ValueError(f"HF PEFT has no counterpart of {method!r}; it has {PEFT_METHODS}")
 
 
