@@ -231,20 +231,19 @@ def test_inits_draw_the_library_distributions(tiny):
     model, params = tiny
     # the parallel kind's default, mam_adapter, through apply: U(±1/sqrt(d)) down, zero up and
     # biases, so the adapted model is the base exactly at init
-    adapted = jpeft.apply(params, "adapter", key=jax.random.key(1), model=model, kind="parallel", reduction_factor=64,
-                          layers=[1])
+    adapted = jpeft.apply(params, "adapter", key=jax.random.key(1), model=model, kind="parallel", layers=[1])
     np.testing.assert_array_equal(model.apply({"params": adapted}, X), model.apply({"params": params}, X))
-    mam = adapted["jpeft"]["adapter"].trainable
-    assert {k: v.shape for k, v in mam.items()} == {"down": (1, 1, 64, 1), "down_bias": (1, 1, 1), "up": (1, 1, 1, 64),
-                                                   "up_bias": (1, 1, 64)}
-    assert 0.1 < float(jnp.abs(mam["down"]).max()) <= 1 / 8 and not any(jnp.any(mam[k]) for k in ("up", "down_bias", "up_bias"))
+    mam = {k: np.asarray(v) for k, v in adapted["jpeft"]["adapter"].trainable.items()}  # checks in NumPy: no compiles
+    assert {k: v.shape for k, v in mam.items()} == {"down": (1, 1, 64, 32), "down_bias": (1, 1, 32),
+                                                   "up": (1, 1, 32, 64), "up_bias": (1, 1, 64)}
+    assert 0.124 < np.abs(mam["down"]).max() <= 1 / 8 and not any(np.any(mam[k]) for k in ("up", "down_bias", "up_bias"))
     key, lead, d, r = jax.random.key(0), (8, 2), 32, 32  # square: one compiled draw per scheme
-    bert, houlsby = (adapter.init_arrays(key, lead, d, r, s) for s in ("bert", "houlsby"))
+    bert, houlsby = ({k: np.asarray(v) for k, v in adapter.init_arrays(key, lead, d, r, s).items()} for s in ("bert", "houlsby"))
     for arrays in (bert, houlsby):
-        assert not jnp.any(arrays["down_bias"]) and not jnp.any(arrays["up_bias"])
-    assert max(abs(float(jnp.std(bert[k])) / 0.02 - 1) for k in ("down", "up")) < 0.03
-    assert float(jnp.abs(houlsby["up"]).max()) <= 0.02 and 0.0085 < float(jnp.std(houlsby["down"])) < 0.0092
-    assert float(jnp.max(jnp.abs(bert["down"] - bert["up"]))) > 0.01  # independent draws
+        assert not np.any(arrays["down_bias"]) and not np.any(arrays["up_bias"])
+    assert max(abs(np.std(bert[k]) / 0.02 - 1) for k in ("down", "up")) < 0.03
+    assert np.abs(houlsby["up"]).max() <= 0.02 and 0.0085 < np.std(houlsby["down"]) < 0.0092
+    assert np.abs(bert["down"] - bert["up"]).max() > 0.01  # independent draws
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -330,8 +329,10 @@ def test_gradients_reach_every_array_and_a_step_lowers_the_loss(tiny):
     """One backward pass through a tree holding a node of every kind and an AdaMix node
     (the hooks run every node of ``params["jpeft"]``, whatever its name): every adapter
     array gets a gradient in each of its layers and sites, AdaMix's in the routed
-    expert of each side only, and one gradient step lowers the loss."""
-    model, params = tiny
+    expert of each side only, and one gradient step lowers the loss. On the first layer of
+    the tiny Phi alone (a 1-layer model: half the compile time of the compiled step)."""
+    params = {"model": {k: v for k, v in tiny[1]["model"].items() if k != "layers_1"}, "lm_head": tiny[1]["lm_head"]}
+    model = phi.make_model(PhiConfig(**dict(TINY, num_hidden_layers=1)))
     nodes = {kind: adapted_with(params, model, "adapter", i, scale=0.1, kind=kind, reduction_factor=4)
              for i, kind in enumerate(KINDS)}
     nodes = {k: v["jpeft"]["adapter"] for k, v in nodes.items()}
@@ -341,12 +342,13 @@ def test_gradients_reach_every_array_and_a_step_lowers_the_loss(tiny):
     arrays = {k: n.trainable for k, n in nodes.items()}
     step = jax.jit(jax.value_and_grad(lambda a: loss(with_arrays(a), key)))  # one compiled program
     before, grads = step(arrays)
+    g_np = jax.tree_util.tree_map(np.asarray, grads)  # checks in NumPy: no compiles
     for kind in KINDS:
-        for name, g in grads[kind].items():  # (2 layers, sites, ...): no slice without a gradient
-            assert bool(jnp.all(jnp.any(g.reshape(*g.shape[:2], -1) != 0, axis=-1))), (kind, name)
-    for name, g in grads["adamix"].items():  # (1 layer, 2 sites, 4 experts, ...): one expert per side and site
-        assert jnp.any(g.reshape(2, 4, -1) != 0, axis=-1).sum(axis=-1).tolist() == [1, 1], name
-    stepped = jax.tree_util.tree_map(lambda v, g: v - 0.5 * g, arrays, grads)
+        for name, g in g_np[kind].items():  # (layers, sites, ...): no slice without a gradient
+            assert np.all(np.any(g.reshape(*g.shape[:2], -1) != 0, axis=-1)), (kind, name)
+    for name, g in g_np["adamix"].items():  # (1 layer, 2 sites, 4 experts, ...): one expert per side and site
+        assert np.any(g.reshape(2, 4, -1) != 0, axis=-1).sum(axis=-1).tolist() == [1, 1], name
+    stepped = jax.tree_util.tree_map(lambda v, g: np.asarray(v) - 0.5 * g, arrays, g_np)
     assert float(step(stepped)[0]) < float(before) - 1e-4
 
 
