@@ -15,9 +15,11 @@ from jpeft.methods import loha
 from jpeft.methods import lokr
 from jpeft.methods import lora
 from jpeft.methods import loraxs
+from jpeft.methods import loreft
 from jpeft.methods import mora
 from jpeft.methods import oft
 from jpeft.methods import p_tuning
+from jpeft.methods import pasta
 from jpeft.methods import prefix_tuning
 from jpeft.methods import prompt_tuning
 from jpeft.methods import rhoft
@@ -54,6 +56,8 @@ BUILTIN = {
     "adamix": adamix.METHOD,
     "p_tuning": p_tuning.METHOD,
     "prefix_tuning": prefix_tuning.METHOD,
+    "pasta": pasta.METHOD,
+    "loreft": loreft.METHOD,
     "bitfit": bitfit.METHOD,
     "full": full.METHOD,
 }
