@@ -92,12 +92,14 @@ class ModelDims:
 
 class Context(NamedTuple):
     """What a residual hook may look at besides the stream: the pass's token ids
-    (batch, length; -1 at virtual tokens; ``None`` when the model got embeddings) and
+    (batch, length; -1 at virtual tokens; ``None`` when the model got embeddings),
     ``prompt_mask`` (batch, length), true on the tokens of the prompt in this pass (LoReFT
-    intervenes at positions counted within it)."""
+    intervenes at positions counted within it), and ``attention_mask`` (batch, length),
+    false on padding (``None``: every position is a token)."""
 
     input_ids: Array | None
     prompt_mask: Array
+    attention_mask: Array | None = None
 
 
 def dims_of(model: Any) -> ModelDims:

@@ -414,7 +414,7 @@ def test_pasta_adds_the_papers_vectors(tiny):
             assert np.count_nonzero(added.any(-1)) == 7  # three in row 0, two in rows 1 and 2
             x = x + added
         if layer == 2:  # the hook adds exactly M^l to the tokens: nothing at the others
-            context = hooks.Context(jnp.asarray(ids), jnp.asarray(real))
+            context = hooks.Context(jnp.asarray(ids), jnp.asarray(real), jnp.asarray(real))
             stream = f64(jnp.asarray(x, jnp.float32))
             hooked = f64(hook(pasta, node, layer, "input", jnp.asarray(stream, jnp.float32), context, None))
             np.testing.assert_allclose(hooked[real] - stream[real], added[real], atol=1e-6)

@@ -18,10 +18,9 @@ special tokens past it are left as they are (the authors' code asserts there are
 
 Special tokens are recognized by their ids in ``context.input_ids`` (``token_ids``, default:
 the model's, :attr:`jpeft.hooks.ModelDims.special_token_ids`; virtual tokens, id -1, are
-none). A model called with ``inputs_embeds`` has no ids: the hook raises ValueError. Tokens
-before the first prompt token of a row (``context.prompt_mask``) are left padding and are
-not counted, so a left-padded row gets the vectors its unpadded form gets (a pad id is often
-a special id); right padding comes after every real token and moves no index. In cached
+none). A model called with ``inputs_embeds`` has no ids: the hook raises ValueError.
+Padding (``context.attention_mask`` false) is not counted, so a padded row gets the vectors
+its unpadded form gets (a pad id is often a special id). In cached
 generation each pass counts its own tokens: a special token generated after the prompt
 restarts at vector 0 (Phi's only special token is EOS, after which a row is done).
 
@@ -107,14 +106,14 @@ def init(key, dims, config: PastaConfig, params):
     return {"embedding": embedding}, {"token_ids": jnp.asarray(np.asarray(ids, np.int32))}
 
 
-def special_order(input_ids: Array, prompt_mask: Array, token_ids: Array) -> Array:
+def special_order(input_ids: Array, attention_mask: Array | None, token_ids: Array) -> Array:
     """(batch, length) int: ``p`` at the p-th special token of each row (0-based), -1 elsewhere.
 
-    Special tokens before a row's first prompt token (left padding) are not counted; a row
-    without prompt tokens (a pass that continues a sequence) counts from its start."""
-    mask = prompt_mask.astype(bool)
-    started = (jnp.cumsum(mask, axis=-1) > 0) | ~jnp.any(mask, axis=-1, keepdims=True)
-    special = jnp.isin(input_ids, token_ids) & started
+    Padding (``attention_mask`` false) is not a token, whatever its id (Phi pads with its
+    special end-of-text token); a pass that continues a sequence counts from its start."""
+    special = jnp.isin(input_ids, token_ids)
+    if attention_mask is not None:
+        special = special & attention_mask.astype(bool)
     return jnp.where(special, jnp.cumsum(special, axis=-1) - 1, -1)
 
 
@@ -123,7 +122,7 @@ def additions(node: Node, slot: int, context) -> Array:
     if context.input_ids is None:
         raise ValueError("pasta recognizes special tokens by their ids, but the model was called with inputs_embeds: "
                          "call it with input_ids")
-    order = special_order(context.input_ids, context.prompt_mask, node.frozen["token_ids"])
+    order = special_order(context.input_ids, context.attention_mask, node.frozen["token_ids"])
     vectors = node.trainable["embedding"][slot]
     pick = (order[..., None] == jnp.arange(vectors.shape[0])).astype(vectors.dtype)  # none past num_special
     return pick @ vectors

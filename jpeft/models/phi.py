@@ -445,7 +445,7 @@ class PhiForCausalLM(nn.Module):
         ids = input_ids
         if ids is not None and virtual is not None:
             ids = jnp.concatenate([jnp.full((b, virtual.shape[1]), -1, ids.dtype), ids], axis=1)
-        context = jhooks.Context(ids, prompt_mask) if hooks else None
+        context = jhooks.Context(ids, prompt_mask, mask) if hooks else None
         hidden, layers = PhiModel(s, self.dtype, self.param_dtype, self.remat, name="model")(
             input_ids, inputs_embeds, position_ids, allowed, deterministic,
             None if cache is None else cache["layers"], index, prefix_kv, virtual, hooks or None, context,
