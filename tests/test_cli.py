@@ -20,6 +20,8 @@ def test_count_phi15_offline(capsys):
     assert rows["lora"]["trainable"] == 4_718_592 and rows["rhoft"]["trainable"] == 4_792_320
     assert rows["oft"]["trainable"] == 4_644_864 and rows["shoft"]["trainable"] == 4_866_048
     assert rows["hra"]["trainable"] == 72 * 16 * 2048  # every built-in method is listed
+    # the methods that add computation, placed by the model's hook dimensions
+    assert rows["prompt_tuning"]["trainable"] == 40_960 and rows["prefix_tuning"]["trainable"] == 1_966_080
     # RHOFT drops the 72 Q/K/V matrices for rank-1024 factors of the same size
     assert rows["rhoft"]["frozen"] == 1_418_270_720
     cli.main(["count", "--model", "phi-1.5", "--methods", "lora", "--set", "lora.r=8"])
@@ -55,6 +57,11 @@ def test_set_syntax_version_help_and_no_run_dir_on_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--method", "oft", "--set", "block_size=5", "--steps", "1", "--run-dir", str(run)])
     assert "block_size=5 does not divide" in capsys.readouterr().err and not run.exists()
+    for method, setting, message in [("adapter", "reduction_factor=5", "reduction_factor=5 does not divide the model's hidden size 64"),
+                                     ("prefix_tuning", "num_virtual_tokens=512", "num_virtual_tokens=512 leaves no room")]:
+        with pytest.raises(SystemExit):
+            cli.main(["train", "--method", method, "--set", setting, "--steps", "1", "--run-dir", str(run)])
+        assert message in capsys.readouterr().err and not run.exists()
 
 
 def test_train_then_eval_with_the_adapter(tmp_path, capsys):
