@@ -109,14 +109,14 @@ def cmd_demo(args) -> None:
     model, params = phi.init(phi.config("tiny"), jax.random.key(0))
     ids = jax.random.randint(jax.random.key(1), (2, 16), 0, model.spec.vocab_size)
     reference = model.apply({"params": params}, ids)
-    print("1. Every method on a tiny Phi (Q/K/V targets); logits at init, then after a random update:")
+    print("1. Every method on a tiny Phi (Q/K/V targets, or the hook points of the methods that add computation); logits at init, then after a random update:")
     for method in DEMO_METHODS:
         adapted = jpeft.apply(params, method, key=jax.random.key(2), **core.targets_for(method, None, model))
         start = float(jnp.abs(model.apply({"params": jpeft.materialize(adapted)}, ids) - reference).max())
         trainable, frozen = jpeft.partition(adapted)
         adapted = jpeft.combine(jax.tree_util.tree_map(lambda x: x + 0.01, trainable), frozen)
         gap = float(jnp.abs(model.apply({"params": adapted}, ids) - model.apply({"params": jpeft.materialize(adapted)}, ids)).max())
-        print(f"   {method:7s} trainable {jpeft.count_params(adapted)['trainable']:>7,}   "
+        print(f"   {method:13s} trainable {jpeft.count_params(adapted)['trainable']:>7,}   "
               f"|init - base| {start:.1e}   |factored - merged| {gap:.1e}")
 
     print(f"\n2. Fine-tuning {args.method} for {args.steps} steps on the bundled samples of all seven tasks "
