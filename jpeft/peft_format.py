@@ -256,7 +256,7 @@ def _exportable_nodes(adapted: PyTree, base: PyTree | None) -> dict[str, Node]:
     methods = sorted({n.method for n in nodes.values()})
     if len(methods) != 1 or methods[0] not in METHODS:
         raise ValueError(f"PEFT's format is written here for one method of {sorted(METHODS)}; the tree has {methods} "
-                         "(methods PEFT does not have keep jpeft's adapter format: jpeft.checkpoint.save_adapter)")
+                         "(the others, PEFT's prompt methods included, keep jpeft's adapter format: jpeft.checkpoint.save_adapter)")
     configs = {n.config for n in nodes.values()}
     if len(configs) != 1:
         raise ValueError(f"every node must share one configuration (PEFT's rank_pattern is not supported); got {configs}")

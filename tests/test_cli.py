@@ -129,6 +129,7 @@ def test_bench_compile_only_and_bad_configs(tmp_path, capsys):
         (dict(batch=0), "batch must be a positive integer"),
         (dict(remat="all"), "remat must be one of"),
         (dict(compile_only=True, profile_dir="p"), "cannot be combined with compile_only"),
+        (dict(model="linen:tiny", methods=("lora", "adapter")), r"\['adapter'\] add computation at a model's hook points"),
     ]
     for kwargs, message in bad:
         with pytest.raises((ValueError, TypeError), match=message):
