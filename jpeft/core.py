@@ -449,7 +449,10 @@ def _apply_model_scope(params: PyTree, method: str, spec: Method, config, key: A
         clash = [m for m, n in present.items() if point in get_method(n.method).hooks.points]
         if point in spec.hooks.points and clash:
             raise ValueError(f"{method} and {clash[0]} both use the {point!r} hook point; a tree holds one such method")
-    config.check(dims)
+    try:
+        config.check(dims)
+    except ValueError as e:
+        raise ValueError(f"{method} does not fit the model: {e}") from None
     full = _also_train_paths(params, also_train, [])
     embedding = dict(leaves_with_paths(params)).get(dims.embedding)  # the node's dtype: the model's parameters'
     dtype = np.dtype(embedding.dtype) if hasattr(embedding, "dtype") else np.dtype("float32")

@@ -121,9 +121,9 @@ def split(params: PyTree) -> tuple[PyTree, dict[str, Node]]:
         return params, {}
     rest = {k: v for k, v in params.items() if k != KEY}
     hooks = dict(params[KEY])
-    bad = [k for k, v in hooks.items() if not is_node(v)]
+    bad = [k for k, v in hooks.items() if not is_node(v) or _spec(v) is None]
     if bad:
-        raise ValueError(f"params[{KEY!r}] holds the nodes of methods that add computation; {bad} are not nodes")
+        raise ValueError(f"params[{KEY!r}] holds the nodes of methods that add computation; {bad} are not such nodes")
     return rest, hooks
 
 
