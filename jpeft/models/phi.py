@@ -430,9 +430,9 @@ class PhiForCausalLM(nn.Module):
         size = t_all if cache is None else cache["mask"].shape[1]
         if size + n_prefix > s.max_positions:
             what = "sequence length" if cache is None else "cache size"
-            parts = "".join(f" + {n} {name}" for n, name in ((n_virtual, "virtual tokens"), (n_prefix, "prefix positions")) if n)
-            raise ValueError(f"{what} {size - (n_virtual if virtual is not None else 0)}{parts} exceeds "
-                             f"max_position_embeddings {s.max_positions}")
+            added = 0 if virtual is None else virtual.shape[1]  # a cache's size already counts its virtual slots
+            parts = "".join(f" + {n} {name}" for n, name in ((added, "virtual tokens"), (n_prefix, "prefix positions")) if n)
+            raise ValueError(f"{what} {size - added}{parts} exceeds max_position_embeddings {s.max_positions}")
         if t_all > size:
             raise ValueError(f"{t_all} new tokens do not fit a cache of size {size}")
         index = 0 if cache is None else cache["index"]
