@@ -1,11 +1,22 @@
 """Shared fixtures: small model-shaped parameter trees and per-method hyper-parameters."""
 
+import atexit
+import shutil
+import tempfile
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jpeft
+
+# XLA's persistent compilation cache, one directory per test process: the runs that build the
+# same train step again (stop and resume, repeated fits) load it instead of compiling it again.
+_XLA_CACHE = tempfile.mkdtemp(prefix="jpeft-tests-xla-")
+atexit.register(shutil.rmtree, _XLA_CACHE, True)
+jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 # Hyper-parameters that fit the 32-wide toy model below, one entry per built-in method.
 SMALL_HPARAMS = {
