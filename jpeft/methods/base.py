@@ -167,10 +167,13 @@ def probability(name: str, value: Any) -> None:
 
 
 def dropout(x: Array, rate: float, key: Array | None) -> Array:
-    """Inverted dropout on ``x``; the identity without a key (evaluation) or at rate 0."""
+    """Inverted dropout on ``x``; the identity without a key (evaluation) or at rate 0.
+
+    The mask is drawn flat and reshaped (the same bits as a draw of ``x.shape``): with jax
+    0.10 on a CPU an N-D draw compiles several times slower than the same count in 1-D."""
     if key is None or rate == 0:
         return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    keep = jax.random.bernoulli(key, 1.0 - rate, (x.size,)).reshape(x.shape)
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 

@@ -193,14 +193,6 @@ def flat_draw(draw, key: Array, shape: tuple[int, ...], *args) -> Array:
     return draw(key, (math.prod(shape),), *args).reshape(shape)
 
 
-def dropout(x: Array, rate: float, key: Array | None) -> Array:
-    """:func:`jpeft.methods.base.dropout` with its mask drawn flat (see :func:`flat_draw`)."""
-    if key is None or rate == 0:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, (x.size,)).reshape(x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-
-
 @functools.partial(jax.jit, static_argnames=("shape",))
 def _draw(key: Array, shape: tuple[int, ...]) -> dict[str, Array]:
     # one compiled program for every draw (an eager init compiles each random op on its own)
@@ -236,7 +228,7 @@ def residual(node: Node, layer: int, site: str, out: Array, inp: Array, context,
     edited = h
     for g in range(config.groups):
         new = intervene(h, r[g], w[g], b[g])
-        new = dropout(new, config.dropout, None if key is None else jax.random.fold_in(key, g))
+        new = base.dropout(new, config.dropout, None if key is None else jax.random.fold_in(key, g))
         edited = jnp.where(where[g][..., None], new, edited)
     return edited.astype(out.dtype)
 

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.methods import base
-from jpeft.methods.loreft import check_layers, dropout, flat_draw, layer_slot, layer_tuple
+from jpeft.methods.loreft import check_layers, flat_draw, layer_slot, layer_tuple
 from jpeft.node import Node
 
 Array = jax.Array
@@ -132,7 +132,7 @@ def residual(node: Node, layer: int, site: str, out: Array, inp: Array, context,
     slot = layer_slot(node.config.layers, layer)
     if site != "input" or slot is None:
         return out
-    add = dropout(additions(node, slot, context), node.config.dropout, key)
+    add = base.dropout(additions(node, slot, context), node.config.dropout, key)
     return out + add.astype(out.dtype)
 
 
