@@ -185,18 +185,26 @@ def _describe(node: Node) -> dict:
 
 
 def save_adapter(directory: str | os.PathLike, adapted: PyTree) -> None:
-    """Write the nodes of ``adapted`` without what the base rebuilds (see module docstring)."""
-    os.makedirs(directory, exist_ok=True)
+    """Write the nodes of ``adapted`` without what the base rebuilds (see module docstring).
+
+    Arrays split over several processes' devices are gathered (every process must call
+    this, in the same order); process 0 alone writes."""
+    from jpeft import sharding
+
     nodes = {p: leaf for p, leaf in core.leaves_with_paths(adapted) if is_node(leaf)}
     if not nodes:
         raise ValueError("save_adapter: the tree holds no jpeft node (was it materialized?)")
     tensors = {}
     for path, node in nodes.items():
         for name, x in node.trainable.items():
-            tensors[f"{path}::trainable::{name}"] = np.asarray(x, np.float32)
+            tensors[f"{path}::trainable::{name}"] = sharding.host_array(x).astype(np.float32)
         for name, x in _stored_frozen(node).items():
             keep = jnp.issubdtype(x.dtype, jnp.integer)  # index patterns round-trip exactly
-            tensors[f"{path}::frozen::{name}"] = np.asarray(x if keep else jnp.asarray(x, jnp.float32))
+            host = sharding.host_array(x)
+            tensors[f"{path}::frozen::{name}"] = host if keep else host.astype(np.float32)
+    if not sharding.is_primary():
+        return
+    os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS))
     with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
         json.dump({p: _describe(n) for p, n in nodes.items()}, f, indent=2)

@@ -175,15 +175,31 @@ def _run_config(args):
         also_train=tuple(args.also_train) if args.also_train else None,
         tasks=pipeline.parse_tasks(args.tasks), data_dir=args.data_dir, instructions=getattr(args, "instructions", None),
         tokenizer=args.tokenizer, eval_split=args.split, limit=args.limit, seed=args.seed, quantize=args.quantize,
-        train=tcfg,
+        mesh=getattr(args, "mesh", None), train=tcfg,
     )
+
+
+def start_processes(args) -> None:
+    """Join a multi-process run when one is asked for (``--coordinator`` ... or
+    ``JAX_COORDINATOR_ADDRESS``), before anything touches a device."""
+    if not (args.coordinator or args.num_processes is not None or args.process_id is not None
+            or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+        return
+    from jpeft import sharding
+
+    if not args.run_dir:
+        raise ValueError("a multi-process run needs --run-dir (the same directory, seen by every process)")
+    sharding.initialize(args.coordinator, args.num_processes, args.process_id, heartbeat_timeout=args.heartbeat_timeout)
 
 
 def cmd_train(args) -> None:
     from jpeft import pipeline
 
+    start_processes(args)
     cfg = _run_config(args)
     run_dir = args.run_dir or pipeline.default_run_dir(cfg)
+    if jax.process_index() > 0:  # process 0 reports; the others only compute
+        sys.stdout = open(os.devnull, "w")
     print(f"run directory: {run_dir}")
     summary = pipeline.finetune(cfg, run_dir, max_steps=args.steps, stop_at=args.stop_at,
                                 checkpoint_every=args.checkpoint_every, log_every=args.log_every, merged_out=args.merged_out,
@@ -278,6 +294,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--log-every", type=int, default=10)
     tr.add_argument("--merged-out", default=None, help="also write the merged model in Hugging Face format here")
     tr.add_argument("--peft-out", default=None, help="also write the adapter in HF PEFT's format here (LoRA, DoRA, LoKr, OFT, BOFT, HRA, LoHa, IA3, VeRA, AdaLoRA)")
+    tr.add_argument("--mesh", default=None, metavar="AXIS=N,...",
+                    help="device mesh, axes data / fsdp / tp (e.g. data=2,fsdp=4; sizes multiply to the device count): "
+                         "batches split over data and fsdp, the frozen base over fsdp (and tp: Q/K/V/fc1 by output "
+                         "features, dense/fc2 by input features); default: data parallel over every device")
+    tr.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                    help="multi-process run: process 0's address (default: $JAX_COORDINATOR_ADDRESS)")
+    tr.add_argument("--num-processes", type=int, default=None, help="multi-process run: how many (default: $JAX_NUM_PROCESSES)")
+    tr.add_argument("--process-id", type=int, default=None, help="multi-process run: this one, 0..N-1 (default: $JAX_PROCESS_ID)")
+    tr.add_argument("--heartbeat-timeout", type=int, default=60, metavar="S",
+                    help="multi-process run: seconds without a sign of life after which a process counts as dead and "
+                         "the others stop with an error")
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", formatter_class=fmt, help="multiple-choice accuracy of a model (zero-shot) or model + adapter")
@@ -337,7 +364,26 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except (ValueError, TypeError) as e:
         print(f"jpeft {args.command}: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_now(2)
+    except BaseException:
+        if not jax.distributed.is_initialized():
+            raise
+        import traceback
+
+        traceback.print_exc()
+        exit_now(1)
+
+
+def exit_now(code: int) -> None:
+    """Exit with ``code``; in a multi-process run at once, past JAX's shutdown barrier (which
+    would wait for the others): the others then see this process stop and exit with an error
+    instead of waiting in a collective for it."""
+    if jax.distributed.is_initialized():
+        print(f"jpeft: process {jax.process_index()} of {jax.process_count()} stops (exit {code})",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(code)
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

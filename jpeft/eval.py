@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import data, train
+from jpeft import data, sharding, train
 
 PyTree = Any
 
@@ -55,9 +55,10 @@ def evaluate(
     score_fn = score_fn or make_score_fn(model)
     scores = [np.full(len(ex.choices), np.nan) for ex in examples]
     for batch in data.choice_batches(examples, tokenizer, batch_size=batch_size, max_length=max_length):
-        arrays = {k: jnp.asarray(batch[k]) for k in ("input_ids", "attention_mask", "targets", "loss_mask")}
+        # host arrays: the same on every process, so a base split over several hosts takes them
+        arrays = {k: np.asarray(batch[k]) for k in ("input_ids", "attention_mask", "targets", "loss_mask")}
         logp, _ = score_fn(params, arrays)
-        for e, c, s in zip(batch["example_index"], batch["choice_index"], np.asarray(logp)):
+        for e, c, s in zip(batch["example_index"], batch["choice_index"], sharding.host_array(logp)):
             if e >= 0:
                 scores[e][c] = s
     predictions, correct, correct_norm = [], 0, 0

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from jpeft import checkpoint, core, data, eval as evaluation, peft_format, train
+from jpeft import checkpoint, core, data, eval as evaluation, peft_format, sharding, train
 from jpeft.models import phi
 
 PyTree = Any
@@ -40,6 +40,7 @@ class RunConfig:
     limit: int | None = None
     seed: int = 0
     quantize: str | None = None  # QLoRA: the frozen base in nf4 / fp4 / int8 (jpeft.quantize), None: as loaded
+    mesh: str | None = None  # "data=2,fsdp=4,tp=1" (jpeft.sharding.make_mesh); None: data parallel over every device
     train: train.TrainConfig = dataclasses.field(default_factory=train.TrainConfig)
 
 
@@ -122,7 +123,7 @@ def evaluate_tasks(cfg: RunConfig, model, params, tokenizer, run_dir: str | None
         examples = load_examples(cfg, task, cfg.eval_split)
         result = evaluation.evaluate(model, params, examples, tokenizer, batch_size=cfg.train.batch_size,
                                      max_length=cfg.train.max_length, score_fn=score_fn)
-        if run_dir:
+        if run_dir and sharding.is_primary():
             evaluation.write_results(os.path.join(run_dir, "results", f"{task}.json"), task, result,
                                      split=cfg.eval_split, model=cfg.model, **info)
         summary[task] = {k: result[k] for k in ("accuracy", "accuracy_norm", "n")}
@@ -136,24 +137,35 @@ def to_jsonable(cfg: RunConfig) -> dict:
 def finetune(cfg: RunConfig, run_dir: str, *, max_steps=None, stop_at=None, checkpoint_every=100, log_every=10,
              progress=True, merged_out: str | None = None, peft_out: str | None = None) -> dict:
     """Adapt, train (resuming if ``run_dir`` has checkpoints), evaluate; returns the summary.
+    On ``cfg.mesh`` (:mod:`jpeft.sharding`); with several processes every one calls this
+    alike (the same ``run_dir``, on a filesystem they all see) and process 0 writes.
     ``merged_out``: also the merged model in Hugging Face format; ``peft_out``: also the
     adapter in HF PEFT's format (:mod:`jpeft.peft_format`; checked before training)."""
+    mesh = sharding.make_mesh(cfg.mesh)
+    if peft_out and jax.process_count() > 1:
+        raise ValueError("peft_out is written by one process: run `jpeft export` on the run's adapter afterwards")
     dtype = jnp.dtype(cfg.train.compute_dtype)
-    model, params, hf_config = load_model(cfg.model, dtype, dtype, cfg.seed, cfg.quantize)
-    model = model.clone(remat=cfg.train.remat)
-    tokenizer = load_tokenizer(cfg)
-    adapted = core.apply(params, cfg.method, key=jax.random.key(cfg.seed), targets=list(cfg.targets) if cfg.targets else None,
-                         also_train=list(cfg.also_train) if cfg.also_train else None, model=model,
-                         **tokenized_hparams(cfg.hparams, tokenizer))
+    # a base the mesh splits is loaded and adapted in host memory, then placed in slices:
+    # no device ever holds it whole
+    splits_base = any(mesh.shape.get(a, 1) > 1 for a in ("fsdp", "tp"))
+    with jax.default_device(jax.local_devices(backend="cpu")[0] if splits_base else None):
+        model, params, hf_config = load_model(cfg.model, dtype, dtype, cfg.seed, cfg.quantize)
+        model = model.clone(remat=cfg.train.remat)
+        tokenizer = load_tokenizer(cfg)
+        adapted = core.apply(params, cfg.method, key=jax.random.key(cfg.seed),
+                             targets=list(cfg.targets) if cfg.targets else None,
+                             also_train=list(cfg.also_train) if cfg.also_train else None, model=model,
+                             **tokenized_hparams(cfg.hparams, tokenizer))
     if peft_out:
         peft_format.check(adapted, base=params)
     encoded = data.encode_pairs(training_pairs(cfg), tokenizer, cfg.train.max_length)
     # only now, with the model, the method and the data validated: a bad run leaves no directory
     os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "run.json"), "w") as f:
-        json.dump(to_jsonable(cfg), f, indent=2)
+    if sharding.is_primary():
+        with open(os.path.join(run_dir, "run.json"), "w") as f:
+            json.dump(to_jsonable(cfg), f, indent=2)
     trained, records = train.fit(model, adapted, encoded, cfg.train, run_dir, max_steps=max_steps, stop_at=stop_at,
-                                 checkpoint_every=checkpoint_every, log_every=log_every, progress=progress)
+                                 checkpoint_every=checkpoint_every, log_every=log_every, progress=progress, mesh=mesh)
     summary = {"run_dir": run_dir, "trainable": core.count_params(adapted)["trainable"],
                "log": records, "final_loss": records[-1]["loss"] if records else None}
     if stop_at is None:

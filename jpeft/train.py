@@ -4,8 +4,10 @@ Only the trainable half of ``jpeft.partition(adapted)`` is differentiated, updat
 kept in the optimizer state; the frozen half (the base model, possibly bf16) is an
 argument of the step that is never copied. One step is a ``lax.scan`` over
 ``grad_accum`` micro-batches, so gradient accumulation costs no extra compile. Data
-parallelism: batches are sharded along the ``"data"`` axis of a mesh over all local
-devices, parameters are replicated, and XLA inserts the gradient all-reduce.
+parallelism on a mesh of :mod:`jpeft.sharding` (default: every device on a ``"data"``
+axis): batches are split along ``data`` and ``fsdp``, the frozen base is split along
+``fsdp`` (and ``tp``), the trainables and the optimizer state are replicated, and XLA
+inserts the gathers and the gradient all-reduce.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from jpeft import checkpoint, core, data, optim
+from jpeft import checkpoint, core, data, optim, sharding
 
 PyTree = Any
 Array = jax.Array
@@ -214,7 +216,7 @@ def random_lm_batch(key: Array, batch_size: int, seq_len: int, vocab_size: int) 
 
 
 def make_train_step(loss: Callable, tx: optax.GradientTransformation, grad_accum: int,
-                    hooks: dict | None = None) -> Callable:
+                    hooks: dict | None = None, shardings: tuple | None = None) -> Callable:
     """A jitted ``step(state, frozen, batch) -> (state, metrics)``.
 
     ``batch`` arrays have a leading ``batch_size`` axis that is split into ``grad_accum``
@@ -226,6 +228,11 @@ def make_train_step(loss: Callable, tx: optax.GradientTransformation, grad_accum
     as ``regularizer``), and after the optimizer update each one's ``after_step`` sees the
     new trainables and the gradients (AdaLoRA prunes ranks there); ``state.hooks`` carries
     their states.
+
+    ``shardings`` (:func:`step_shardings`): the placements of ``(state, frozen, batch)``;
+    the step is compiled for them and returns its state on the same ones (metrics
+    replicated), so the frozen base is never gathered whole outside the step and a
+    step's output feeds the next without a copy.
     """
     hooks = dict(hooks or {})
 
@@ -267,36 +274,28 @@ def make_train_step(loss: Callable, tx: optax.GradientTransformation, grad_accum
         metrics = {"loss": nll / denom, "tokens": tokens, "grad_norm": optax.global_norm(grads), **metrics}
         return TrainState(state.step + 1, trainable, opt_state, state.rng, hook_states if hooks else state.hooks), metrics
 
-    return jax.jit(step, donate_argnums=(0,))
+    if shardings is None:
+        return jax.jit(step, donate_argnums=(0,))
+    state_sharding, frozen_sharding, batch_sharding = shardings
+    return jax.jit(step, in_shardings=(state_sharding, frozen_sharding, batch_sharding),
+                   out_shardings=(state_sharding, sharding.replicated(batch_sharding.mesh)), donate_argnums=(0,))
+
+
+def step_shardings(state: TrainState, frozen: PyTree, mesh: Mesh) -> tuple[PyTree, PyTree, Any]:
+    """``(state, frozen, batch)`` placements on ``mesh``: the state replicated (the
+    trainables are, so the optimizer state follows them), the frozen half by
+    :func:`jpeft.sharding.fsdp_specs` (split along the mesh's ``fsdp`` and ``tp`` axes
+    where it has them), batches by :func:`jpeft.sharding.data_spec`."""
+    axes = mesh.axis_names
+    frozen_sharding = sharding.fsdp_specs(frozen, mesh, axis="fsdp" if "fsdp" in axes else None,
+                                          tp_axis="tp" if "tp" in axes else None)
+    state_sharding = jax.tree_util.tree_map(lambda _: sharding.replicated(mesh), state)
+    return state_sharding, frozen_sharding, sharding.data_spec(mesh)
 
 
 def make_eval_loss(loss: Callable) -> Callable:
     """A jitted ``(trainable, frozen, batch) -> (sum_nll, tokens)`` without dropout."""
     return jax.jit(lambda trainable, frozen, batch: loss(core.combine(trainable, frozen), batch, None))
-
-
-# ----------------------------------------------------------------- data parallelism
-
-
-def data_mesh(devices=None) -> Mesh:
-    """A 1-D mesh named ``"data"`` over all local devices (or ``devices``)."""
-    devices = np.asarray(jax.local_devices() if devices is None else devices)
-    return Mesh(devices, ("data",))
-
-
-def shard_batch(batch: dict, mesh: Mesh) -> dict:
-    """Place a host batch with its leading axis split over the mesh's ``"data"`` axis."""
-    n = mesh.devices.size
-    for name, x in batch.items():
-        if x.shape[0] % n:
-            raise ValueError(f"batch field {name!r} has {x.shape[0]} rows, not divisible by {n} devices")
-    sharding = NamedSharding(mesh, PartitionSpec("data"))
-    return {k: jax.device_put(np.asarray(v), sharding) for k, v in batch.items()}
-
-
-def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
-    """Copy every array of ``tree`` to every device of ``mesh``."""
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
 # ----------------------------------------------------------------------- the loop
@@ -330,14 +329,28 @@ def fit(
     optimizer state, so they are checkpointed and a resumed run refreshes on the same steps;
     a warning says when GaLore projects no trainable leaf (all plain AdamW). Logs go to
     ``run_dir/log.jsonl``; the final adapter to ``run_dir/adapter``.
-    Returns the trained adapted tree and the logged records.
+
+    ``mesh`` (:func:`jpeft.sharding.make_mesh`; default: data parallelism over every
+    device): batches are split over its ``data`` and ``fsdp`` axes, the frozen base over
+    ``fsdp`` and ``tp`` (:func:`step_shardings`); checkpoints are saved sharded and restored
+    onto this run's mesh, whichever mesh wrote them. With several processes
+    (:func:`jpeft.sharding.initialize`) every process calls this with the same arguments;
+    process 0 alone writes the log, the checkpoints' metadata and the adapter.
+    Returns the trained adapted tree (trainables on the host, the frozen base as placed on
+    the mesh) and the logged records.
     """
     os.makedirs(run_dir, exist_ok=True)
     per_epoch = data.steps_per_epoch(len(encoded), config.batch_size, drop_last=True)
     if per_epoch == 0:
         raise ValueError(f"{len(encoded)} training sequences do not fill one batch of {config.batch_size}")
     total = max_steps or config.epochs * per_epoch
-    mesh = mesh or data_mesh()
+    mesh = mesh or sharding.make_mesh()
+    parts = sharding.batch_divisor(mesh)
+    if (config.batch_size // config.grad_accum) % parts:
+        raise ValueError(f"the micro-batch of {config.batch_size // config.grad_accum} rows (batch_size="
+                         f"{config.batch_size} / grad_accum={config.grad_accum}) does not split over the "
+                         f"{parts} data-parallel positions of the mesh {sharding.describe(mesh)}")
+    primary = sharding.is_primary()
     hooks = method_hooks(adapted)
     for h in hooks.values():  # run-dependent hyper-parameters (AdaLoRA's total_step)
         adapted = h.prepare(adapted, total)
@@ -345,21 +358,21 @@ def fit(
     if config.optimizer == "galore" and not any(jax.tree_util.tree_leaves(optim.projected_leaves(trainable, config.galore_rank))):
         warnings.warn(f"optimizer 'galore' projects no trainable leaf (none is a matrix with both sides > "
                       f"galore_rank={config.galore_rank}): every leaf gets plain AdamW", stacklevel=2)
-    frozen = replicate(frozen, mesh)
     tx = optimizer(config, total)
-    # every leaf committed to the mesh (the step counter, the RNG and optax's counts too): the
-    # step's outputs are, and inputs placed otherwise would compile the step a second time
-    state = replicate(init_state(replicate(trainable, mesh), tx, config.seed, hooks), mesh)
+    state = init_state(trainable, tx, config.seed, hooks)
+    shardings = step_shardings(state, frozen, mesh)
+    # every leaf committed to its place (the step counter, the RNG and optax's counts too):
+    # the step's outputs are, and inputs placed otherwise would compile the step again
+    state, frozen = sharding.place(state, shardings[0]), sharding.place(frozen, shardings[1])
     saver = checkpoint.Checkpointer(os.path.join(run_dir, "checkpoints"))
     if saver.latest_step() is not None:
-        state, _ = saver.restore(state)
-        state = replicate(state, mesh)
-    step_fn = make_train_step(lm_loss_fn(model), tx, config.grad_accum, hooks)
+        state, _ = saver.restore(state)  # onto the template's shardings, whatever mesh wrote it
+    step_fn = make_train_step(lm_loss_fn(model), tx, config.grad_accum, hooks, shardings)
     end = min(total, stop_at) if stop_at is not None else total
     start = int(state.step)
     records: list[dict] = []
-    bar = tqdm(total=end, initial=start, disable=not progress, desc="train", unit="step")
-    log = open(os.path.join(run_dir, "log.jsonl"), "a")
+    bar = tqdm(total=end, initial=start, disable=not (progress and primary), desc="train", unit="step")
+    log = open(os.path.join(run_dir, "log.jsonl"), "a") if primary else None
 
     def save(step_state):
         saver.save(int(step_state.step), step_state, {"step": int(step_state.step), "total_steps": total})
@@ -370,10 +383,9 @@ def fit(
             epoch, position = divmod(step, per_epoch)
             if stream is None or position == 0:
                 stream = data.batches(encoded, batch_size=config.batch_size, seed=config.seed, epoch=epoch, start=position)
-            host_batch = next(stream)
+            host_batch = next(stream)  # the same on every process; each places its devices' rows
             tokens += float(host_batch["attention_mask"].sum())
-            batch = shard_batch(host_batch, mesh)
-            state, metrics = step_fn(state, frozen, batch)
+            state, metrics = step_fn(state, frozen, sharding.place(host_batch, shardings[2]))
             step += 1
             bar.update(1)
             if step % log_every == 0 or step == end:
@@ -383,25 +395,31 @@ def fit(
                           "tokens_per_s": tokens / max(now - clock, 1e-9)}
                 tokens, clock = 0.0, now
                 records.append(record)
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                if log is not None:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if step % checkpoint_every == 0 or step == end:
                 save(state)
     except BaseException:
         # Keep what was trained: checkpoint the last completed step (unless the failure
-        # happened inside the step, whose donated input is then gone).
+        # happened inside the step, whose donated input is then gone). Not with several
+        # processes: saving is collective and the others are not saving; they stop when
+        # this one exits (jpeft.sharding.initialize), and the run resumes from its last
+        # periodic checkpoint.
         try:
-            if int(state.step) > (saver.latest_step() or 0):
+            if jax.process_count() == 1 and int(state.step) > (saver.latest_step() or 0):
                 save(state)
         except Exception as e:  # noqa: BLE001 - the original error matters more
             print(f"jpeft: could not checkpoint after the failure: {e}")
         raise
     finally:
         bar.close()
-        log.close()
+        if log is not None:
+            log.close()
         saver.close()
-    trained = core.combine(jax.device_get(state.trainable), jax.device_get(frozen))
+    # the trainables to the host (they are replicated); the frozen base stays where it is
+    trained = core.combine(jax.tree_util.tree_map(sharding.host_array, state.trainable), frozen)
     if step == total:
         checkpoint.save_adapter(os.path.join(run_dir, "adapter"), trained)
     return trained, records

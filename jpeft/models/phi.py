@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 from transformers import PhiConfig
 
-from jpeft import hooks as jhooks
+from jpeft import hooks as jhooks, sharding
 from jpeft.core import linear, resolve_full, uses_dropout
 from jpeft.node import is_node, is_quantized
 
@@ -597,6 +597,8 @@ def save_pretrained(params: PyTree, cfg: PhiConfig | dict | str, path: str | os.
     """Write ``config.json`` and ``model.safetensors`` that transformers' ``PhiForCausalLM`` loads.
 
     ``params`` must be plain arrays: adapted trees are refused (``jpeft.materialize`` first).
+    With several processes every one calls this (arrays split over their devices are
+    gathered) and process 0 writes.
     """
     from safetensors.flax import save_file
 
@@ -617,7 +619,10 @@ def save_pretrained(params: PyTree, cfg: PhiConfig | dict | str, path: str | os.
         _, expected, transposed = layout[names[p]]
         if tuple(leaf.shape) != tuple(expected.shape):
             raise ValueError(f"{'/'.join(p)} has shape {tuple(leaf.shape)}, the configuration needs {tuple(expected.shape)}")
-        tensors[names[p]] = jnp.asarray(leaf.T if transposed else leaf)
+        host = sharding.host_array(leaf)  # gathered if split over several processes (all call this)
+        tensors[names[p]] = jnp.asarray(host.T if transposed else host)
+    if not sharding.is_primary():
+        return
     cfg.architectures = ["PhiForCausalLM"]
     os.makedirs(path, exist_ok=True)
     cfg.save_pretrained(path)
