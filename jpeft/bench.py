@@ -15,6 +15,15 @@ backward to activations: ``4 · N · T`` for the ``N`` matmul parameters and ``T
 plus attention's ``8 · L · T · S · d / 2`` (causal), over the device's bf16 peak
 (``experiments/PERF.md``, "Cost model"). HF PEFT runs use fp32 master weights under bf16
 autocast, as PERF.md's reference figures were measured, on exactly the modules jpeft targets.
+
+With a ``mesh`` (``"data=2,fsdp=4"``, :mod:`jpeft.sharding`) the step is jitted for
+:func:`jpeft.train.step_shardings` on it, as ``jpeft train --mesh`` runs it: compiled at
+abstract arguments carrying those shardings (``compile_only``) or run on arrays placed on
+them. An SPMD executable is one device's program, so XLA's FLOP and memory figures are then
+per device; ``frozen_gib_per_device`` is what the shardings put of the frozen base on one
+device, from shapes and specs alone. On a CPU the worker gets the mesh's devices as fake
+host devices (``XLA_FLAGS``, :func:`worker_env`), so the per-device memory of a 7B-class
+step on 8 devices can be compiled on a laptop.
 """
 
 from __future__ import annotations
@@ -64,6 +73,7 @@ class BenchConfig:
     remat: str = "none"  # jpeft.models.phi.REMAT_POLICIES
     profile_dir: str | None = None  # if set, PROFILE_STEPS more steps per run are traced there (trace_path)
     quantize: str | None = None  # also each method over the base quantized so (QLoRA: nf4, fp4, int8), impl "jpeft-nf4"
+    mesh: str | None = None  # "data=2,fsdp=4" (jpeft.sharding): the step jitted for train.step_shardings on that mesh
 
     def __post_init__(self):
         for name in ("batch", "seq_len", "steps"):
@@ -77,6 +87,15 @@ class BenchConfig:
             raise ValueError(f"peak_tflops must be positive, got {self.peak_tflops!r}")
         if self.profile_dir and self.compile_only:
             raise ValueError("profile_dir traces timed steps and cannot be combined with compile_only")
+        if self.mesh is not None:
+            sizes = mesh_sizes(self.mesh)  # names the bad part
+            rows = sizes.get("data", 1) * sizes.get("fsdp", 1)
+            if self.batch % rows:
+                raise ValueError(f"batch={self.batch} does not split over the {rows} data-parallel positions "
+                                 f"(data x fsdp) of the mesh {self.mesh}")
+            if is_flax_model(self.model) and sizes.get("tp", 1) > 1:
+                raise ValueError(f"a tp axis splits layers by the Phi port's names (jpeft.sharding.TP_RULES), which "
+                                 f"{self.model!r}'s stock flax modules do not follow; use data and fsdp axes")
         from jpeft import core, train
         from jpeft.models import phi
 
@@ -108,6 +127,25 @@ class BenchConfig:
         extra = set(self.hparams) - set(self.methods) - {"hra"}  # hra: the PEFT baseline's r
         if extra:
             raise ValueError(f"hyper-parameters given for {sorted(extra)}, which are not among the methods {list(self.methods)}")
+
+
+#: Named configurations without a checkpoint, there for shapes-only benches (``compile_only``).
+SHAPES_ONLY_MODELS = ("phi-7b",)
+
+
+def mesh_sizes(mesh: str) -> dict[str, int]:
+    """``"data=2,fsdp=4"`` -> ``{"data": 2, "fsdp": 4}`` (:func:`jpeft.sharding.parse_mesh`)."""
+    from jpeft import sharding
+
+    return sharding.parse_mesh(mesh)
+
+
+def mesh_devices(mesh: str) -> int:
+    """How many devices ``mesh`` spans: the product of its sizes."""
+    n = 1
+    for size in mesh_sizes(mesh).values():
+        n *= size
+    return n
 
 
 def is_flax_model(model: str) -> bool:
@@ -291,7 +329,7 @@ def run_jpeft(cfg: BenchConfig, method: str, route: str = "jpeft") -> dict:
     import jax
 
     import jpeft
-    from jpeft import train
+    from jpeft import sharding, train
 
     if route.startswith("jpeft"):  # "jpeft" or "jpeft-nf4": the Phi port, the base quantized in the latter
         loss, trainable, frozen, n_trainable, config = _phi_step(cfg, method, route.partition("-")[2] or None)
@@ -308,8 +346,18 @@ def run_jpeft(cfg: BenchConfig, method: str, route: str = "jpeft") -> dict:
         trainable, frozen = jpeft.partition(adapted)
     make_state = lambda trainable: train.init_state(trainable, tx, 0, hooks)  # noqa: E731
     state = jax.eval_shape(make_state, trainable) if cfg.compile_only else make_state(trainable)
-    batch = train.random_lm_batch(jax.random.key(2), cfg.batch, cfg.seq_len, config.vocab_size)
-    step = train.make_train_step(loss, tx, 1, hooks)
+    make_batch = lambda: train.random_lm_batch(jax.random.key(2), cfg.batch, cfg.seq_len, config.vocab_size)  # noqa: E731
+    batch = make_batch()
+    shardings = mesh = None
+    if cfg.mesh is not None:
+        mesh = bench_mesh(cfg.mesh)
+        shardings = train.step_shardings(state, frozen, mesh)
+        if cfg.compile_only:  # abstract arguments carrying their placements: nothing is allocated
+            state, frozen, batch = (with_shardings(tree, s) for tree, s in
+                                    zip((state, frozen, jax.eval_shape(make_batch)), shardings))
+        else:
+            state, frozen, batch = (sharding.place(tree, s) for tree, s in zip((state, frozen, batch), shardings))
+    step = train.make_train_step(loss, tx, 1, hooks, shardings)
     start = time.perf_counter()
     compiled = step.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - start
@@ -319,7 +367,10 @@ def run_jpeft(cfg: BenchConfig, method: str, route: str = "jpeft") -> dict:
     tokens = cfg.batch * cfg.seq_len
     flops = model_flops_per_step(config, tokens, cfg.seq_len)
     result = {"impl": route, "method": method, "device": device_name, "model_tflop_per_step": flops / 1e12,
-              "compile_s": compile_s, "trainable": n_trainable, **compiled_analysis(compiled)}
+              "compile_s": compile_s, "trainable": n_trainable, **compiled_analysis(compiled),
+              **frozen_footprint(frozen, None if shardings is None else shardings[1])}
+    if mesh is not None:  # XLA's memory figures above are then one device's program (SPMD)
+        result.update(mesh=sharding.describe(mesh), devices=mesh.size, xla_flags=os.environ.get("XLA_FLAGS"))
     if cfg.compile_only:
         return result
     holder = {"state": state}
@@ -341,6 +392,52 @@ def run_jpeft(cfg: BenchConfig, method: str, route: str = "jpeft") -> dict:
     result.update(timing_fields(times, tokens, flops, peak_flops(device_name, cfg.peak_tflops)))
     result["peak_memory_gib"] = stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
     return result
+
+
+def bench_mesh(mesh: str):
+    """The mesh of ``mesh`` over this process's first devices, or a ValueError saying how
+    many it needs (on a CPU the worker gets them from ``XLA_FLAGS``, :func:`worker_env`)."""
+    import jax
+
+    from jpeft import sharding
+
+    need, devices = mesh_devices(mesh), jax.devices()
+    if len(devices) < need:
+        kind = devices[0].platform
+        hint = ("" if kind != "cpu" else
+                f"; XLA_FLAGS={os.environ.get('XLA_FLAGS')!r} should have made {need} CPU devices")
+        raise ValueError(f"mesh {mesh} needs {need} devices, this machine has {len(devices)} {kind} device(s){hint}. "
+                         f"Run it where there are {need} accelerators, or with JAX_PLATFORMS=cpu for fake CPU "
+                         f"devices (compile_only: XLA's per-device memory without running)")
+    return sharding.make_mesh(mesh, devices[:need])
+
+
+def with_shardings(tree, shardings):
+    """``tree``'s arrays as ``jax.ShapeDtypeStruct`` carrying the matching shardings (a
+    tree like ``tree``, or one sharding for all)."""
+    import jax
+
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree_util.tree_map(lambda _: shardings, tree)
+    return jax.tree_util.tree_map(lambda x, s: None if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                  tree, shardings, is_leaf=lambda x: x is None)
+
+
+def frozen_footprint(frozen, shardings=None) -> dict:
+    """GiB of the frozen base (``frozen_gib``) and of what one device holds of it
+    (``frozen_gib_per_device``) under ``shardings`` (a tree of ``NamedSharding`` matching
+    ``frozen``; ``None``: one device holds it all), from shapes and specs alone: each
+    array's bytes over the number of parts its spec splits it into (its shard's shape;
+    :func:`jpeft.sharding.fsdp_specs` splits evenly, so every device holds the same)."""
+    import jax
+    import numpy as np
+
+    nbytes = lambda shape, x: int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize  # noqa: E731
+    total = sum(nbytes(x.shape, x) for x in jax.tree_util.tree_leaves(frozen))
+    if shardings is None:
+        return {"frozen_gib": total / 2**30, "frozen_gib_per_device": total / 2**30}
+    held = jax.tree_util.tree_map(lambda x, s: nbytes(s.shard_shape(tuple(x.shape)), x), frozen, shardings)
+    return {"frozen_gib": total / 2**30, "frozen_gib_per_device": sum(jax.tree_util.tree_leaves(held)) / 2**30}
 
 
 #: Methods HF PEFT also has; its HRA is also timed as the Householder baseline of shoft/rhoft.
@@ -473,6 +570,8 @@ def jobs(cfg: BenchConfig, peft: bool, peft_modes: tuple[str, ...]) -> list[tupl
     lacks SHOFT/RHOFT: its HRA is timed as their Householder baseline). A stock-flax
     model runs every method through ``wrap``, then LoRA by the materialize route and
     qwix, then full fine-tuning."""
+    if peft and cfg.mesh is not None:
+        raise ValueError(f"--peft times HF PEFT on one device and cannot be combined with a mesh ({cfg.mesh})")
     if is_flax_model(cfg.model):
         if peft:
             raise ValueError("--peft compares with the Phi port; a stock-flax model is compared with qwix and full fine-tuning")
@@ -517,10 +616,33 @@ def job_failure(impl: str, method: str, returncode: int | None, output: str | by
     return {"impl": impl, "method": method, "error": f"{reason}; last output: {last}", "log": log}
 
 
+HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+
+
+def worker_env(cfg: BenchConfig, environ: dict | None = None) -> dict:
+    """The worker's environment: ``environ`` (default ``os.environ``), and with a mesh of
+    ``N`` devices ``XLA_FLAGS`` asking for at least ``N`` host (CPU) devices, appended to
+    the flags there (a smaller count there is raised). The flag only shapes the CPU
+    platform: on an accelerator the mesh takes that many real devices or the worker
+    refuses (:func:`bench_mesh`)."""
+    env = dict(os.environ if environ is None else environ)
+    if cfg.mesh is None or mesh_devices(cfg.mesh) == 1:
+        return env
+    need = mesh_devices(cfg.mesh)
+    flags = env.get("XLA_FLAGS", "").split()
+    given = [f for f in flags if f.startswith(HOST_DEVICES_FLAG + "=")]
+    have = max((int(f.partition("=")[2]) for f in given if f.partition("=")[2].isdigit()), default=0)
+    if have < need:
+        flags = [f for f in flags if f not in given] + [f"{HOST_DEVICES_FLAG}={need}"]
+        env["XLA_FLAGS"] = " ".join(flags)
+    return env
+
+
 def _run_job(impl: str, method: str, cfg: BenchConfig, timeout: float) -> dict:
     payload = json.dumps({"impl": impl, "method": method, "config": dataclasses.asdict(cfg)})
     try:
-        proc = subprocess.run([sys.executable, "-m", "jpeft.bench", payload], capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run([sys.executable, "-m", "jpeft.bench", payload], capture_output=True, text=True, timeout=timeout,
+                              env=worker_env(cfg))
     except subprocess.TimeoutExpired as e:  # the worker was killed; keep what it wrote
         return job_failure(impl, method, None, e.stderr or e.stdout, timeout=timeout)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("JPEFT_BENCH_RESULT ")), None)
@@ -591,29 +713,45 @@ def _fmt(v, spec: str) -> str:
 def table(results: list[dict], cfg: BenchConfig, meta: dict) -> str:
     """The markdown report: timed runs, or XLA's FLOP and memory for ``compile_only``."""
     what = "XLA's compiled FLOP and memory (nothing run)" if cfg.compile_only else f"median of {cfg.steps} steps [quartiles]"
+    where = ""
+    per = ""
+    if cfg.mesh:  # an SPMD executable is one device's program: XLA's memory figures are one device's
+        where = (f" On the mesh {cfg.mesh}: the step is one device's program, so its FLOP and memory figures "
+                 f"are per device; frozen GiB/device is the most of the frozen base the shardings put on one device.")
+        per = " per device"
     lines = [
         f"Benchmark {meta['date']} on {meta['device']}: model {cfg.model}, batch {cfg.batch} x {cfg.seq_len}, "
-        f"{cfg.compute_dtype} compute, {cfg.param_dtype} frozen weights, remat {cfg.remat}; {what}. Commit {meta['environment']['commit']}.",
+        f"{cfg.compute_dtype} compute, {cfg.param_dtype} frozen weights, remat {cfg.remat}; {what}.{where} "
+        f"Commit {meta['environment']['commit']}.",
         "",
     ]
+    mesh_head, mesh_rule = ("mesh | frozen GiB | frozen GiB/device | ", "---|---:|---:|") if cfg.mesh else ("", "")
+
+    def mesh_cells(r):
+        if not cfg.mesh:
+            return ""
+        return (f"{r.get('mesh', cfg.mesh)} | {_fmt(r.get('frozen_gib'), '.4g')} | "
+                f"{_fmt(r.get('frozen_gib_per_device'), '.4g')} | ")
+
     if cfg.compile_only:
-        lines += ["| impl | method | XLA TFLOP/step | x LoRA FLOP | x full FLOP | model TFLOP | memory estimate GiB | compile s | trainable |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| impl | method | {mesh_head}XLA TFLOP/step{per} | x LoRA FLOP | x full FLOP | model TFLOP "
+                  f"| memory estimate GiB{per} | compile s | trainable |",
+                  f"|---|---|{mesh_rule}---:|---:|---:|---:|---:|---:|---:|"]
     else:
-        lines += ["| impl | method | step ms [q1, q3] | x jpeft LoRA | x own LoRA | x full | tokens/s | MFU | peak GiB "
-                  "| XLA estimate GiB | compile s | trainable |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| impl | method | {mesh_head}step ms [q1, q3] | x jpeft LoRA | x own LoRA | x full | tokens/s | MFU "
+                  f"| peak GiB{per} | XLA estimate GiB{per} | compile s | trainable |",
+                  f"|---|---|{mesh_rule}---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['impl']} | {r['method']} | failed: {r['error'][:160].replace('|', '/')} |")
         elif cfg.compile_only:
-            lines.append(f"| {r['impl']} | {r['method']} | {_fmt(r.get('xla_tflop_per_step'), '.4g')} | "
+            lines.append(f"| {r['impl']} | {r['method']} | {mesh_cells(r)}{_fmt(r.get('xla_tflop_per_step'), '.4g')} | "
                          f"{_fmt(r.get('x_lora_flop'), '.3f')} | {_fmt(r.get('x_full_flop'), '.3f')} | "
                          f"{r['model_tflop_per_step']:.4g} | {_fmt(r.get('memory_estimate_gib'), '.2f')} | "
                          f"{r['compile_s']:.1f} | {r['trainable']:,} |")
         else:
             lines.append(
-                f"| {r['impl']} | {r['method']} | {r['step_ms']:.1f} [{r['step_ms_q1']:.1f}, {r['step_ms_q3']:.1f}] | "
+                f"| {r['impl']} | {r['method']} | {mesh_cells(r)}{r['step_ms']:.1f} [{r['step_ms_q1']:.1f}, {r['step_ms_q3']:.1f}] | "
                 f"{_fmt(r.get('x_jpeft_lora'), '.2f')} | {_fmt(r.get('x_impl_lora'), '.2f')} | {_fmt(r.get('x_full'), '.2f')} | "
                 f"{r['tokens_per_s']:,.0f} | "
                 f"{_fmt(r.get('mfu'), '.1%')} | {_fmt(r.get('peak_memory_gib'), '.2f')} | "

@@ -146,9 +146,11 @@ def cmd_bench(args) -> None:
         param_dtype=args.param_dtype, warmup=args.warmup, steps=args.steps, hparams=parse_hparams(args.set, args.methods, ('hra',)),
         compile_only=args.compile_only, peak_tflops=args.peak_tflops, remat=args.remat,
         profile_dir=os.path.join(args.out, "profile") if args.profile else None, quantize=args.quantize,
+        mesh=args.mesh,
     )
     what = "Compiling (no timing)" if cfg.compile_only else "Benchmarking"
-    print(f"{what} {len(cfg.methods)} method(s) on {cfg.model}, batch {cfg.batch} x {cfg.seq_len}:")
+    where = f" on the mesh {cfg.mesh}" if cfg.mesh else ""
+    print(f"{what} {len(cfg.methods)} method(s) on {cfg.model}, batch {cfg.batch} x {cfg.seq_len}{where}:")
     # partial results are written after every job, so a long run keeps what it measured
     paths = {}
     bench.run(cfg, peft=args.peft, timeout=args.timeout,
@@ -321,12 +323,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the base the adapter was trained on was quantized so (jpeft train --quantize)")
     ex.set_defaults(func=cmd_export)
 
+    from jpeft.bench import SHAPES_ONLY_MODELS
+
     bench = sub.add_parser("bench", formatter_class=fmt, help="time training steps of each method (and HF PEFT with --peft)")
     bench.add_argument("--model", default="tiny", metavar="MODEL",
                        choices=[*NAMED_MODELS, *(f"{arch}:{m}" for arch in ("linen", "nnx") for m in NAMED_MODELS)],
-                       help="random weights, real shapes: the Phi port (%s), or linen:SIZE / nnx:SIZE, a decoder of stock "
-                            "flax modules at that size run through jpeft.wrap and compared with the materialize route, "
-                            "qwix's LoRA and full fine-tuning" % ", ".join(NAMED_MODELS))
+                       help="random weights, real shapes: the Phi port (%s), or linen:SIZE / nnx:SIZE, a decoder of "
+                            "stock flax modules at that size run through jpeft.wrap and compared with the materialize "
+                            "route, qwix's LoRA and full fine-tuning; also %s, a 7B-class Phi without a checkpoint, "
+                            "for --compile-only" % (", ".join(m for m in NAMED_MODELS if m not in SHAPES_ONLY_MODELS),
+                                                   ", ".join(SHAPES_ONLY_MODELS)))
     bench.add_argument("--batch", type=int, default=16)
     bench.add_argument("--seq-len", type=int, default=256)
     bench.add_argument("--methods", nargs="+", default=list(THESIS_METHODS), help=METHODS_HELP)
@@ -346,6 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also run each method over the base quantized so (QLoRA), next to the --param-dtype base")
     bench.add_argument("--profile", action="store_true",
                        help="also trace a few steps of each run into OUT/profile/<impl>-<method>.trace.json.gz (open in Perfetto)")
+    bench.add_argument("--mesh", default=None, metavar="AXIS=N,...",
+                       help="compile (and time) the step on a device mesh, axes data / fsdp / tp (e.g. data=2,fsdp=4), "
+                            "jitted for jpeft.train.step_shardings; XLA's figures are then per device. On a CPU the "
+                            "workers get that many fake devices (XLA_FLAGS); elsewhere it needs that many devices")
     bench.add_argument("--timeout", type=float, default=1800, help="seconds allowed per job")
     bench.add_argument("--out", default="runs/bench", help="output directory for JSON, markdown and PNG")
     bench.set_defaults(func=cmd_bench)

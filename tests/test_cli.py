@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from jpeft import bench, cli
@@ -130,6 +131,10 @@ def test_bench_compile_only_and_bad_configs(tmp_path, capsys):
         (dict(remat="all"), "remat must be one of"),
         (dict(compile_only=True, profile_dir="p"), "cannot be combined with compile_only"),
         (dict(model="linen:tiny", methods=("lora", "adapter")), r"\['adapter'\] add computation at a model's hook points"),
+        (dict(mesh="data=2,gpu=4"), "each part must be AXIS=SIZE with AXIS one of data, fsdp, tp"),
+        (dict(mesh="data=2,data=2"), "names axis 'data' twice"),
+        (dict(mesh="data=3", batch=16), r"batch=16 does not split over the 3 data-parallel positions"),
+        (dict(model="linen:tiny", mesh="fsdp=2,tp=2"), "a tp axis splits layers by the Phi port's names"),
     ]
     for kwargs, message in bad:
         with pytest.raises((ValueError, TypeError), match=message):
@@ -153,6 +158,28 @@ def test_bench_compile_only_and_bad_configs(tmp_path, capsys):
         "exited with code 0 without printing a result; last output: no output")
     with pytest.raises(ValueError, match="cannot be combined"):
         bench.jobs(bench.BenchConfig(compile_only=True), peft=True, peft_modes=("eager",))
+    with pytest.raises(ValueError, match=r"cannot be combined with a mesh \(fsdp=2\)"):
+        bench.jobs(bench.BenchConfig(mesh="fsdp=2"), peft=True, peft_modes=("eager",))
+    # a mesh's workers get their fake CPU devices from XLA_FLAGS, added to the flags already there
+    mesh_cfg = bench.BenchConfig(compile_only=True, mesh="data=2,fsdp=4", methods=("lora",), batch=8, seq_len=16)
+    assert bench.worker_env(mesh_cfg, {"XLA_FLAGS": "--xla_cpu_foo=1"})["XLA_FLAGS"] == (
+        "--xla_cpu_foo=1 --xla_force_host_platform_device_count=8")
+    assert bench.worker_env(mesh_cfg, {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})["XLA_FLAGS"] == (
+        "--xla_force_host_platform_device_count=8")
+    assert "XLA_FLAGS" not in bench.worker_env(bench.BenchConfig(), {})
+    with pytest.raises(ValueError, match=r"mesh data=64,fsdp=64 needs 4096 devices, this machine has \d+ cpu device"):
+        bench.bench_mesh("data=64,fsdp=64")  # what a GPU worker says when the mesh needs more GPUs than there are
+    # ... and one compile-only step on that mesh: fsdp=4 holds a quarter of every frozen array
+    # of at least 2**14 elements (jpeft.sharding.fsdp_specs' min_size) on each device
+    on_mesh = bench._run_job("jpeft", "lora", mesh_cfg, timeout=300)
+    assert "error" not in on_mesh, on_mesh.get("log")
+    assert on_mesh["mesh"] == "data=2,fsdp=4" and on_mesh["devices"] == 8 and on_mesh["memory_estimate_gib"] > 0
+    sizes = [x.size for x in jax.tree_util.tree_leaves(cli.abstract_model("tiny"))]
+    big, small = sum(n for n in sizes if n >= 2**14), sum(n for n in sizes if n < 2**14)
+    assert big > 3 * small  # the embedding, the head and the MLP kernels; Q/K/V/dense (64x64) stay whole
+    bf16 = 2 / 2**30  # GiB per element
+    assert on_mesh["frozen_gib"] == pytest.approx((big + small) * bf16, rel=1e-9)
+    assert on_mesh["frozen_gib_per_device"] == pytest.approx((big / 4 + small) * bf16, rel=1e-9)
     with pytest.raises(SystemExit):
         cli.main(["bench", "--methods", "lorax", "--out", str(tmp_path)])
     assert "unknown method 'lorax'" in capsys.readouterr().err

@@ -56,6 +56,13 @@ NAMED_CONFIGS = {
         vocab_size=1024, hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
         max_position_embeddings=512, bos_token_id=0, eos_token_id=0, pad_token_id=0,
     ),
+    # a 7B-class Phi (≈6.9 B parameters), no published checkpoint: it exists for shapes-only
+    # benches (`jpeft bench --compile-only`, e.g. per-device memory on a mesh) and `jpeft count`;
+    # initializing it for real takes ≈14 GB in bf16 (28 GB in float32)
+    "phi-7b": dict(
+        vocab_size=51200, hidden_size=4096, intermediate_size=16384, num_hidden_layers=32, num_attention_heads=32,
+        max_position_embeddings=2048, bos_token_id=50256, eos_token_id=50256,
+    ),
 }
 _COMMON = dict(
     hidden_act="gelu_new", layer_norm_eps=1e-5, partial_rotary_factor=0.5, rope_theta=10000.0,
