@@ -10,7 +10,6 @@ compile per mesh covers the four methods.
 
 import os
 import shutil
-import sys
 import tempfile
 import time
 

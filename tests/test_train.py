@@ -3,9 +3,6 @@
 import dataclasses
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
