@@ -125,11 +125,26 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _train(run_dir, *, devices: int, process: tuple[int, int] | None = None, stop_at: int | None = None):
-    """``jpeft train`` of LoRA on the tiny model, on data=2,fsdp=4 (one process of 8 devices,
-    or ``process`` = (coordinator port, id) of two with 4 each), a long schedule (stopped
-    at ``stop_at`` or killed), logging every step, checkpointing every 2."""
-    args = [sys.executable, "-m", "jpeft.cli", "train", "--model", "tiny", "--method", "lora", "--mesh", "data=2,fsdp=4",
+@pytest.fixture(scope="module")
+def one_layer_checkpoint(tmp_path_factory):
+    """The tiny Phi with one layer, as a Hugging Face checkpoint with the bundled tokenizer
+    (each process loads it, compiles and steps faster than the 4-layer named one)."""
+    from jpeft import data
+    from jpeft.models import phi
+
+    directory = tmp_path_factory.mktemp("one-layer")
+    config = phi.load_config(dict(phi.NAMED_CONFIGS["tiny"], num_hidden_layers=1, model_type="phi"))
+    _, params = phi.init(config, jax.random.key(0))
+    phi.save_pretrained(params, config, directory)
+    data.default_tokenizer().save_pretrained(directory)
+    return str(directory)
+
+
+def _train(model, run_dir, *, devices: int, process: tuple[int, int] | None = None, stop_at: int | None = None):
+    """``jpeft train`` of LoRA on ``model``, on data=2,fsdp=4 (one process of 8 devices, or
+    ``process`` = (coordinator port, id) of two with 4 each), a long schedule (stopped at
+    ``stop_at`` or killed), logging every step, checkpointing every 2."""
+    args = [sys.executable, "-m", "jpeft.cli", "train", "--model", model, "--method", "lora", "--mesh", "data=2,fsdp=4",
             "--steps", "10000", "--batch-size", "8", "--max-length", "64", "--limit", "16", "--dtype", "float32",
             "--log-every", "1", "--checkpoint-every", "2", "--run-dir", str(run_dir)]
     if stop_at is not None:
@@ -150,13 +165,13 @@ def _ours(text: str) -> str:
     return "".join(line for line in text.splitlines(keepends=True) if not line.startswith("[Gloo]"))
 
 
-def test_two_processes_train_as_one_and_stop_when_one_dies(tmp_path):
+def test_two_processes_train_as_one_and_stop_when_one_dies(tmp_path, one_layer_checkpoint):
     """Two processes of 4 CPU devices (jax.distributed on localhost) reach, at step 3, the loss
     of one process of 8 devices, checkpoint together (process 0 writes the log and prints);
     killing one makes the other exit non-zero within 60 s, naming the cause."""
-    single = _train(tmp_path / "one", devices=8, stop_at=3)
+    single = _train(one_layer_checkpoint, tmp_path / "one", devices=8, stop_at=3)
     port = _port()
-    pair = [_train(tmp_path / "two", devices=4, process=(port, i)) for i in range(2)]
+    pair = [_train(one_layer_checkpoint, tmp_path / "two", devices=4, process=(port, i)) for i in range(2)]
     try:
         _, err = single.communicate(timeout=240)
         assert single.returncode == 0, err[-3000:]
@@ -172,8 +187,11 @@ def test_two_processes_train_as_one_and_stop_when_one_dies(tmp_path):
         pair[1].send_signal(signal.SIGKILL)
         killed = time.monotonic()
         out, err = pair[0].communicate(timeout=60)
+        err = "".join(line for line in _ours(err).splitlines(keepends=True) if not line.startswith("train:"))
         assert time.monotonic() - killed < 60 and pair[0].returncode != 0, (pair[0].returncode, err[-3000:])
-        assert "another task died" in err or "unhealthy" in err, err[-3000:]
+        # JAX's coordination service names the dead task; or a collective fails first and
+        # jpeft's own exit path reports it with the traceback
+        assert any(m in err for m in ("another task died", "unhealthy", "jpeft: process 0 of 2 stops")), err[-3000:]
         assert "run directory" in out and _ours(pair[1].communicate()[0]) == ""  # process 1 printed nothing
     finally:
         for p in (single, *pair):
