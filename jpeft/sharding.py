@@ -211,8 +211,8 @@ def place(tree: PyTree, shardings: PyTree) -> PyTree:
             return None
         if isinstance(x, jax.Array) and x.is_fully_addressable and jax.process_count() == 1:
             return jax.device_put(x, sharding)
-        host = np.asarray(x) if not isinstance(x, jax.Array) else x
-        return jax.make_array_from_callback(tuple(x.shape), sharding, lambda index: np.asarray(host[index]))
+        host = np.asarray(x)  # once: slicing a device array per shard would compile a slice per shape
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     return jax.tree_util.tree_map(put, tree, shardings, is_leaf=lambda x: x is None)
 
