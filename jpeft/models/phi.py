@@ -72,7 +72,8 @@ _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")  # both are the tanh approximatio
 
 
 def config(name: str) -> PhiConfig:
-    """A named configuration, known offline: ``"phi-1.5"`` (microsoft/phi-1_5), ``"small"`` (4 layers,
+    """A named configuration, known offline: ``"phi-1.5"`` (microsoft/phi-1_5), ``"phi-7b"`` (its
+    architecture at 6.9 B parameters, for shapes-only benches and counts), ``"small"`` (4 layers,
     hidden 512, vocab 8192: realistic shapes that run on a CPU) or ``"tiny"`` (for tests)."""
     if name not in NAMED_CONFIGS:
         raise ValueError(f"unknown model configuration {name!r}; known: {sorted(NAMED_CONFIGS)}")
