@@ -33,6 +33,7 @@ import datetime
 import glob
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import shutil
@@ -88,7 +89,9 @@ class BenchConfig:
         if self.profile_dir and self.compile_only:
             raise ValueError("profile_dir traces timed steps and cannot be combined with compile_only")
         if self.mesh is not None:
-            sizes = mesh_sizes(self.mesh)  # names the bad part
+            from jpeft import sharding
+
+            sizes = sharding.parse_mesh(self.mesh)  # names the bad part
             rows = sizes.get("data", 1) * sizes.get("fsdp", 1)
             if self.batch % rows:
                 raise ValueError(f"batch={self.batch} does not split over the {rows} data-parallel positions "
@@ -133,19 +136,11 @@ class BenchConfig:
 SHAPES_ONLY_MODELS = ("phi-7b",)
 
 
-def mesh_sizes(mesh: str) -> dict[str, int]:
-    """``"data=2,fsdp=4"`` -> ``{"data": 2, "fsdp": 4}`` (:func:`jpeft.sharding.parse_mesh`)."""
+def mesh_devices(mesh: str) -> int:
+    """How many devices ``mesh`` (``"data=2,fsdp=4"``) spans: the product of its sizes."""
     from jpeft import sharding
 
-    return sharding.parse_mesh(mesh)
-
-
-def mesh_devices(mesh: str) -> int:
-    """How many devices ``mesh`` spans: the product of its sizes."""
-    n = 1
-    for size in mesh_sizes(mesh).values():
-        n *= size
-    return n
+    return math.prod(sharding.parse_mesh(mesh).values())
 
 
 def is_flax_model(model: str) -> bool:
