@@ -92,7 +92,7 @@ class BenchConfig:
             from jpeft import sharding
 
             sizes = sharding.parse_mesh(self.mesh)  # names the bad part
-            rows = sizes.get("data", 1) * sizes.get("fsdp", 1)
+            rows = sharding.batch_divisor(sizes)
             if self.batch % rows:
                 raise ValueError(f"batch={self.batch} does not split over the {rows} data-parallel positions "
                                  f"(data x fsdp) of the mesh {self.mesh}")
@@ -342,14 +342,13 @@ def run_jpeft(cfg: BenchConfig, method: str, route: str = "jpeft") -> dict:
     make_state = lambda trainable: train.init_state(trainable, tx, 0, hooks)  # noqa: E731
     state = jax.eval_shape(make_state, trainable) if cfg.compile_only else make_state(trainable)
     make_batch = lambda: train.random_lm_batch(jax.random.key(2), cfg.batch, cfg.seq_len, config.vocab_size)  # noqa: E731
-    batch = make_batch()
+    batch = jax.eval_shape(make_batch) if cfg.compile_only else make_batch()
     shardings = mesh = None
     if cfg.mesh is not None:
         mesh = bench_mesh(cfg.mesh)
         shardings = train.step_shardings(state, frozen, mesh)
         if cfg.compile_only:  # abstract arguments carrying their placements: nothing is allocated
-            state, frozen, batch = (with_shardings(tree, s) for tree, s in
-                                    zip((state, frozen, jax.eval_shape(make_batch)), shardings))
+            state, frozen, batch = (with_shardings(tree, s) for tree, s in zip((state, frozen, batch), shardings))
         else:
             state, frozen, batch = (sharding.place(tree, s) for tree, s in zip((state, frozen, batch), shardings))
     step = train.make_train_step(loss, tx, 1, hooks, shardings)

@@ -42,7 +42,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from safetensors.numpy import load_file, save_file
 
-from jpeft import core
+from jpeft import core, sharding
 from jpeft.node import Node, is_node
 
 PyTree = Any
@@ -189,8 +189,6 @@ def save_adapter(directory: str | os.PathLike, adapted: PyTree) -> None:
 
     Arrays split over several processes' devices are gathered (every process must call
     this, in the same order); process 0 alone writes."""
-    from jpeft import sharding
-
     nodes = {p: leaf for p, leaf in core.leaves_with_paths(adapted) if is_node(leaf)}
     if not nodes:
         raise ValueError("save_adapter: the tree holds no jpeft node (was it materialized?)")

@@ -38,6 +38,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jpeft.core import path_str
 from jpeft.node import Quantized, is_leaf, is_node
 
 PyTree = Any
@@ -112,9 +113,11 @@ def data_spec(mesh: Mesh, axes: Sequence[str] = ("data", "fsdp")) -> NamedShardi
     return NamedSharding(mesh, PartitionSpec(present) if present else PartitionSpec())
 
 
-def batch_divisor(mesh: Mesh, axes: Sequence[str] = ("data", "fsdp")) -> int:
-    """How many parts :func:`data_spec` splits a batch's rows into."""
-    return int(np.prod([mesh.shape[a] for a in axes if a in mesh.axis_names]))
+def batch_divisor(mesh: Mesh | Mapping[str, int], axes: Sequence[str] = ("data", "fsdp")) -> int:
+    """How many parts :func:`data_spec` splits a batch's rows into, on ``mesh`` or on a mesh
+    of those sizes (:func:`parse_mesh`)."""
+    sizes = mesh if isinstance(mesh, Mapping) else mesh.shape
+    return int(np.prod([sizes[a] for a in axes if a in sizes]))
 
 
 # -------------------------------------------------------------------------- placement
@@ -182,7 +185,7 @@ def fsdp_specs(tree: PyTree, mesh: Mesh, *, axis: str | None = "fsdp", min_size:
         return NamedSharding(mesh, _spec(tuple(x.shape), mesh, axis, min_size, tp_axis, tp_dim))
 
     def leaf(path, x):
-        name = _path_str(path)
+        name = path_str(path)
         if is_node(x):
             return x.replace(trainable={k: None if v is None else rep for k, v in x.trainable.items()},
                              frozen={k: frozen(name, v, k == "kernel") for k, v in x.frozen.items()})
@@ -191,12 +194,6 @@ def fsdp_specs(tree: PyTree, mesh: Mesh, *, axis: str | None = "fsdp", min_size:
         return frozen(name, x, name.endswith("kernel"))
 
     return jax.tree_util.tree_map_with_path(leaf, tree, is_leaf=lambda x: x is None or is_leaf(x))
-
-
-def _path_str(path) -> str:
-    from jpeft import core
-
-    return core.path_str(path)
 
 
 def place(tree: PyTree, shardings: PyTree) -> PyTree:
@@ -234,7 +231,7 @@ def shard_counts(tree: PyTree) -> list[tuple[str, int, int]]:
     for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if isinstance(x, jax.Array):
             per_device = max(int(np.prod(s.data.shape)) for s in x.addressable_shards)
-            out.append((_path_str(path), int(np.prod(x.shape)), per_device))
+            out.append((path_str(path), int(np.prod(x.shape)), per_device))
     return out
 
 

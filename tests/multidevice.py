@@ -128,8 +128,9 @@ def checkpoint_moves(model, adapted) -> None:
             template = train.init_state(trainable, tx, TC.seed)
             template = sharding.place(template, train.step_shardings(template, frozen, mesh)[0])
             restored, _ = saver.restore(template)
-            for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(restored)[0], jax.tree_util.tree_leaves(saved)):
-                assert a.sharding == template_sharding(template, path), path
+            for (path, a), t, b in zip(jax.tree_util.tree_flatten_with_path(restored)[0],
+                                       jax.tree_util.tree_leaves(template), jax.tree_util.tree_leaves(saved)):
+                assert a.sharding == t.sharding, path
                 np.testing.assert_array_equal(np.asarray(a), b, err_msg=f"{name}: {path}")
             run = os.path.join(root, name)
             shutil.copytree(written, run)
@@ -141,13 +142,6 @@ def checkpoint_moves(model, adapted) -> None:
         print("OK")
     finally:
         shutil.rmtree(root, ignore_errors=True)
-
-
-def template_sharding(template, path):
-    leaf = template
-    for k in path:
-        leaf = leaf[k.idx] if hasattr(k, "idx") else leaf[k.key] if hasattr(k, "key") else getattr(leaf, k.name)
-    return leaf.sharding
 
 
 if __name__ == "__main__":
