@@ -91,3 +91,16 @@ def perturb(adapted, key, scale=0.1):
 
 def rel_err(a, b):
     return float(jnp.linalg.norm(jnp.asarray(a) - jnp.asarray(b)) / jnp.linalg.norm(jnp.asarray(b)))
+
+
+def assert_close_to_scale(actual, expected, rtol, scale=None):
+    """``max |actual - expected| <= rtol * scale``, the scale defaulting to ``max |expected|``.
+
+    float32 rounding is relative to the magnitudes summed, not to each result: an element
+    near zero (or a sum that cancels) carries the error of the array's scale, so it is held
+    to that scale, not to its own size (which machines' different summation orders break).
+    """
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    scale = float(np.max(np.abs(expected))) if scale is None else float(scale)
+    err = float(np.max(np.abs(actual - expected)))
+    assert err <= rtol * scale, f"max error {err:.3g} > {rtol:g} x scale {scale:.3g}"
