@@ -210,7 +210,7 @@ def test_named_configs_and_phi15_count_without_allocation():
             cfg.max_position_embeddings, cfg.hidden_act, cfg.layer_norm_eps, cfg.bos_token_id, cfg.eos_token_id) == (
         24, 2048, 32, 8192, 51200, 2048, "gelu_new", 1e-5, 50256, 50256)
     spec = phi.make_model(cfg).spec
-    assert (spec.rotary_dim, spec.rope_theta) == (32, 10000.0)
+    assert spec.rotary_dim == 32 and np.isclose(spec.inv_freq[1], 10000.0 ** (-2 / 32), rtol=1e-6)  # θ = 10000
     tiny = phi.config("tiny")
     assert (tiny.vocab_size, tiny.hidden_size, tiny.num_hidden_layers, tiny.num_attention_heads, tiny.eos_token_id) == (1024, 64, 4, 4, 0)
     shapes = jax.eval_shape(lambda k: phi.init(cfg, k, dtype=jnp.bfloat16)[1], jax.random.key(0))
