@@ -4,16 +4,14 @@ on tiny configurations written by ``save_pretrained``."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 torch = pytest.importorskip("torch")
 import transformers  # noqa: E402
 
 import jpeft  # noqa: E402
-from jpeft.methods import BUILTIN  # noqa: E402
 from jpeft.models import llama  # noqa: E402
-from conftest import SMALL_HPARAMS, assert_close_to_scale, perturb  # noqa: E402
+from conftest import assert_close_to_scale, perturb  # noqa: E402
 
 VOCAB = 97
 _BASE = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
@@ -133,11 +131,11 @@ def test_cache_decoding_equals_full_forward(case, ids):
     full = np.asarray(model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask)))
     cache = llama.init_cache(model, 3, 16)
     assert cache["layers"][0]["k"].shape == (3, 16, model.spec.kv_heads, model.spec.head_dim)
-    logits, cache = model.apply({"params": params}, jnp.asarray(ids[:, :6]), jnp.asarray(mask[:, :6]), cache=cache)
+    run = jax.jit(lambda x, m, c: model.apply({"params": params}, x, m, cache=c))
+    logits, cache = run(jnp.asarray(ids[:, :6]), jnp.asarray(mask[:, :6]), cache)
     steps = [logits]
     for t in range(6, 11):
-        logits, cache = model.apply({"params": params}, jnp.asarray(ids[:, t:t + 1]), jnp.asarray(mask[:, t:t + 1]),
-                                    cache=cache)
+        logits, cache = run(jnp.asarray(ids[:, t:t + 1]), jnp.asarray(mask[:, t:t + 1]), cache)
         steps.append(logits)
     real = mask.astype(bool)
     assert_close_to_scale(np.concatenate(steps, axis=1)[real], full[real], 1e-5)
@@ -174,47 +172,15 @@ def test_bf16_and_quantized_loading(case, ids):
 # ------------------------------------------------------------ methods on the port
 
 
-@pytest.fixture(scope="module")
-def biased():
-    """A tiny Llama with every bias (BitFit has something to train), GQA and tied embeddings."""
-    cfg = transformers.LlamaConfig(**{k: v for k, v in _BASE.items() if k != "attn_implementation"},
-                                   num_key_value_heads=2, attention_bias=True, mlp_bias=True, tie_word_embeddings=True)
-    return llama.init(cfg, jax.random.key(0))
-
-
-@pytest.mark.parametrize("method", list(BUILTIN))
-def test_every_method_takes_a_training_step(biased, ids, method):
-    model, params = biased
-    hparams = SMALL_HPARAMS.get(method, {})
-    targets = r".*/(q_proj|k_proj|v_proj)/kernel" if method != "bitfit" else None
-    adapted = jpeft.apply(params, method, key=jax.random.key(1), **hparams,
-                          **jpeft.core.targets_for(method, targets, model))
-    trainable, frozen = jpeft.partition(adapted)
-    x = jnp.asarray(ids)
-
-    def loss_fn(t):
-        logits = model.apply({"params": jpeft.combine(t, frozen)}, x[:, :-1], deterministic=False,
-                             rngs={"dropout": jax.random.key(2)})
-        return optax.softmax_cross_entropy_with_integer_labels(logits, x[:, 1:]).mean()
-
-    opt = optax.adam(1e-2)
-    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(trainable)
-    updates, _ = opt.update(grads, opt.init(trainable), trainable)
-    stepped = optax.apply_updates(trainable, updates)
-    assert np.isfinite(float(loss)) and 3.0 < float(loss) < 6.0  # ≈ log(97) at init
-    moved = [float(jnp.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(stepped),
-                                                       jax.tree_util.tree_leaves(trainable))]
-    assert moved and max(moved) > 1e-4
-
-
 def test_adapted_logits_equal_materialized(case, ids):
-    """Each weight method's factored path through the port equals its merged weights."""
-    _, _, _, model, params = case
+    """Kernel nodes of the multi-query shapes (a 12-wide key/value projection) run their
+    factored path through the port and equal their merged weights."""
+    name, _, _, model, params = case
+    if name != "llama-mqa-biases-linear":
+        pytest.skip("one configuration suffices: the other shapes are the every-method test's")
     apply_fn = jax.jit(lambda p: model.apply({"params": p}, jnp.asarray(ids)))
     base = apply_fn(params)
-    # sizes that fit the 12-wide key/value projection of the multi-query configuration
-    for method, hp in (("lora", dict(r=4)), ("dora", dict(r=4)), ("oft", dict(block_size=4)),
-                       ("rhoft", dict(r_u=3, r_v=2, k=8))):
+    for method, hp in (("lora", dict(r=4)), ("oft", dict(block_size=4))):
         adapted = perturb(jpeft.apply(params, method, key=jax.random.key(2), **hp),
                           jax.random.key(3), 0.05)
         merged = apply_fn(jpeft.materialize(adapted))
