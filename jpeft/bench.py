@@ -59,7 +59,7 @@ HOUSEHOLDER = ("shoft", "rhoft")
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
-    model: str = "tiny"  # a name known to jpeft.models.phi.config
+    model: str = "tiny"  # a name of jpeft.models.NAMED_CONFIGS (a port), or linen:SIZE / nnx:SIZE
     batch: int = 16
     seq_len: int = 256
     methods: tuple[str, ...] = METHOD_ORDER
@@ -71,7 +71,7 @@ class BenchConfig:
     hparams: dict = dataclasses.field(default_factory=dict)  # {method: {name: value}}
     compile_only: bool = False  # compile at abstract shapes: XLA's FLOP and memory, no timing
     peak_tflops: float | None = None  # overrides PEAK_FLOPS for MFU
-    remat: str = "none"  # jpeft.models.phi.REMAT_POLICIES
+    remat: str = "none"  # jpeft.models.layers.REMAT_POLICIES
     profile_dir: str | None = None  # if set, PROFILE_STEPS more steps per run are traced there (trace_path)
     quantize: str | None = None  # also each method over the base quantized so (QLoRA: nf4, fp4, int8), impl "jpeft-nf4"
     mesh: str | None = None  # "data=2,fsdp=4" (jpeft.sharding): the step jitted for train.step_shardings on that mesh
@@ -97,15 +97,16 @@ class BenchConfig:
                 raise ValueError(f"batch={self.batch} does not split over the {rows} data-parallel positions "
                                  f"(data x fsdp) of the mesh {self.mesh}")
             if is_flax_model(self.model) and sizes.get("tp", 1) > 1:
-                raise ValueError(f"a tp axis splits layers by the Phi port's names (jpeft.sharding.TP_RULES), which "
+                raise ValueError(f"a tp axis splits layers by the ports' names (jpeft.sharding.TP_RULES), which "
                                  f"{self.model!r}'s stock flax modules do not follow; use data and fsdp axes")
         from jpeft import core, train
-        from jpeft.models import phi
+        from jpeft import models
+        from jpeft.models import layers, phi
 
-        phi.check_remat(self.remat)
+        layers.check_remat(self.remat)
         flax_models = [f"{arch}:{size}" for arch in ("linen", "nnx") for size in phi.NAMED_CONFIGS]
-        if self.model not in phi.NAMED_CONFIGS and self.model not in flax_models:
-            raise ValueError(f"model must be one of {sorted(phi.NAMED_CONFIGS)} (the Phi port) or {flax_models} "
+        if self.model not in models.NAMED_CONFIGS and self.model not in flax_models:
+            raise ValueError(f"model must be one of {sorted(models.NAMED_CONFIGS)} (jpeft's ports) or {flax_models} "
                              f"(a decoder of stock flax modules at that size), got {self.model!r}")
         if self.quantize is not None:
             from jpeft import quant
@@ -113,13 +114,13 @@ class BenchConfig:
             if self.quantize not in quant.KINDS:
                 raise ValueError(f"quantize must be one of {quant.KINDS}, got {self.quantize!r}")
             if is_flax_model(self.model):
-                raise ValueError(f"quantize compares the Phi port's steps, not {self.model!r}'s")
+                raise ValueError(f"quantize compares jpeft's ports' steps, not {self.model!r}'s")
         added = [m for m in self.methods if core.get_method(m).scope == "model"]
         if is_flax_model(self.model) and added:
-            raise ValueError(f"{added} add computation at a model's hook points, which the Phi port has and "
-                             f"{self.model!r} (stock flax modules) does not; bench them on the Phi port")
+            raise ValueError(f"{added} add computation at a model's hook points, which jpeft's ports have and "
+                             f"{self.model!r} (stock flax modules) does not; bench them on a port")
         if is_flax_model(self.model) and self.remat != "none":
-            raise ValueError(f"remat applies to the Phi port only, not to {self.model!r}")
+            raise ValueError(f"remat applies to jpeft's ports only, not to {self.model!r}")
         if is_flax_model(self.model) and self.targets and "lora" in self.methods:
             qwix_module_path(self.targets)  # the qwix LoRA route must adapt the same layers
         for name in ("compute_dtype", "param_dtype"):
@@ -210,7 +211,7 @@ def timing_fields(times: list[float], tokens: int, flops: float, peak: float | N
     }
 
 
-def _phi_step(cfg: BenchConfig, method: str, quantize: str | None = None):
+def _port_step(cfg: BenchConfig, method: str, quantize: str | None = None):
     """Phi with ``method`` on its own ``jpeft.linear`` path, over a base quantized with
     ``quantize`` if given: ``(loss, trainable, frozen, trainable count, config)``."""
     import jax
@@ -218,10 +219,10 @@ def _phi_step(cfg: BenchConfig, method: str, quantize: str | None = None):
 
     import jpeft
     from jpeft import core, train
-    from jpeft.models import phi
+    from jpeft import models
 
-    config = phi.config(cfg.model)
-    model = phi.make_model(config, cfg.compute_dtype, cfg.param_dtype, cfg.remat)
+    config = models.config(cfg.model)
+    model = models.make_model(config, cfg.compute_dtype, cfg.param_dtype, cfg.remat)
     targets = list(cfg.targets) if cfg.targets else None
 
     def build(key):
@@ -320,14 +321,14 @@ def _flax_step(cfg: BenchConfig, route: str, method: str):
 
 def run_jpeft(cfg: BenchConfig, method: str, route: str = "jpeft") -> dict:
     """Compile (and unless ``compile_only``, time) one train step; runs in a worker.
-    ``route`` ``jpeft``: the Phi port; one of :data:`FLAX_ROUTES`: the stock-flax decoder."""
+    ``route`` ``jpeft``: the model's port (Phi or Llama); one of :data:`FLAX_ROUTES`: the stock-flax decoder."""
     import jax
 
     import jpeft
     from jpeft import sharding, train
 
-    if route.startswith("jpeft"):  # "jpeft" or "jpeft-nf4": the Phi port, the base quantized in the latter
-        loss, trainable, frozen, n_trainable, config = _phi_step(cfg, method, route.partition("-")[2] or None)
+    if route.startswith("jpeft"):  # "jpeft" or "jpeft-nf4": the port, the base quantized in the latter
+        loss, trainable, frozen, n_trainable, config = _port_step(cfg, method, route.partition("-")[2] or None)
     else:
         loss, trainable, frozen, n_trainable, config = _flax_step(cfg, route, method)
     total = 1000  # the optimizer's (and AdaLoRA's budget schedule's) length
@@ -484,11 +485,12 @@ def hf_target_modules(cfg: BenchConfig) -> list[str]:
     """The transformers module names of the kernels jpeft's ``cfg.targets`` select, so
     PEFT adapts exactly the same layers."""
     import jpeft
-    from jpeft.models import phi
+    from jpeft import models
+    from jpeft.models import layers
 
-    shapes = phi.param_shapes(phi.make_model(phi.config(cfg.model)))
+    shapes = layers.param_shapes(models.make_model(models.config(cfg.model)))
     paths = jpeft.match_targets(shapes, list(cfg.targets) if cfg.targets else None)
-    return [phi.hf_name(tuple(p.split("/")))[0].removesuffix(".weight") for p in paths]
+    return [layers.hf_name(tuple(p.split("/")))[0].removesuffix(".weight") for p in paths]
 
 
 def run_peft(cfg: BenchConfig, method: str, compiled: bool) -> dict:
@@ -496,15 +498,15 @@ def run_peft(cfg: BenchConfig, method: str, compiled: bool) -> dict:
     dropout included): fp32 master weights, bf16 autocast, AdamW."""
     import peft
     import torch
-    from transformers import PhiForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from jpeft.models import phi
+    from jpeft import models
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     device_name = f"{device}:{torch.cuda.get_device_name() if device == 'cuda' else platform.processor()}"
     torch.manual_seed(0)
-    config = phi.config(cfg.model)
-    model = PhiForCausalLM(config).to(device)
+    config = models.config(cfg.model)
+    model = AutoModelForCausalLM.from_config(config).to(device)
     model = peft.get_peft_model(model, peft_config(method, cfg.hparams.get(method, {}), hf_target_modules(cfg)))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     ids = torch.randint(0, config.vocab_size, (cfg.batch, cfg.seq_len), device=device)
@@ -568,7 +570,7 @@ def jobs(cfg: BenchConfig, peft: bool, peft_modes: tuple[str, ...]) -> list[tupl
         raise ValueError(f"--peft times HF PEFT on one device and cannot be combined with a mesh ({cfg.mesh})")
     if is_flax_model(cfg.model):
         if peft:
-            raise ValueError("--peft compares with the Phi port; a stock-flax model is compared with qwix and full fine-tuning")
+            raise ValueError("--peft compares with jpeft's ports; a stock-flax model is compared with qwix and full fine-tuning")
         out = [("wrap", m) for m in cfg.methods]
         if "lora" in cfg.methods:
             out += [("materialize", "lora"), ("qwix", "lora")]

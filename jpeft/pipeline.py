@@ -17,15 +17,17 @@ import jax
 import jax.numpy as jnp
 
 from jpeft import checkpoint, core, data, eval as evaluation, peft_format, sharding, train
-from jpeft.models import phi
+from jpeft import models
+from jpeft.models import download, layers, llama
 
 PyTree = Any
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """What to fine-tune, on what, with what. ``model`` is a named configuration
-    (``tiny``, ``phi-1.5``: random weights) or a Hugging Face checkpoint directory/hub id."""
+    """What to fine-tune, on what, with what. ``model`` is a real model (``smollm2-135m``), a
+    named configuration (``tiny``, ``phi-1.5``, ``llama-small``: random weights), a ``.gguf``
+    file or a Hugging Face checkpoint directory / hub id (Phi, Llama, Mistral, Qwen2)."""
 
     model: str = "tiny"
     method: str = "lora"
@@ -45,29 +47,38 @@ class RunConfig:
 
 
 def load_model(name_or_path: str, dtype, param_dtype=None, seed: int = 0, quantize: str | None = None):
-    """``(model, params, hf_config)`` from a named configuration or a checkpoint, its kernels
-    quantized (:func:`jpeft.quantize`'s default targets) with ``quantize``."""
+    """``(model, params, hf_config)`` of a real model (``smollm2-135m``, fetched once), a named
+    configuration (random weights), a ``.gguf`` file, a Phi / Llama / Mistral / Qwen2 checkpoint
+    directory or a hub id; its kernels quantized (:func:`jpeft.quantize`'s default targets)
+    with ``quantize``."""
     from jpeft import quantized
 
-    if name_or_path in phi.NAMED_CONFIGS:
-        cfg = phi.config(name_or_path)
-        model, params = phi.init(cfg, jax.random.key(seed), dtype=dtype, param_dtype=param_dtype)
+    if name_or_path in download.MODELS or str(name_or_path).endswith(".gguf"):
+        model, params = llama.from_pretrained(name_or_path, dtype=dtype, param_dtype=param_dtype, quantize=quantize)
+        return model, params, llama.hf_config(name_or_path)
+    if name_or_path in models.NAMED_CONFIGS:
+        port, cfg = models.NAMED_CONFIGS[name_or_path], models.config(name_or_path)
+        model, params = port.init(cfg, jax.random.key(seed), dtype=dtype, param_dtype=param_dtype)
         return model, (params if quantize is None else quantized.quantize(params, quantize)), cfg
-    directory = name_or_path
-    if not os.path.isdir(directory):
-        from huggingface_hub import snapshot_download
-
-        directory = snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt"])
-    model, params = phi.from_pretrained(directory, dtype=dtype, param_dtype=param_dtype, quantize=quantize)
-    return model, params, phi.load_config(directory)
+    directory = layers.checkpoint_directory(name_or_path)
+    port = models.family(directory)
+    model, params = port.from_pretrained(directory, dtype=dtype, param_dtype=param_dtype, quantize=quantize)
+    return model, params, port.load_config(directory)
 
 
 def load_tokenizer(cfg: RunConfig):
-    if cfg.tokenizer is None and cfg.model in phi.NAMED_CONFIGS:
+    """The run's tokenizer: ``cfg.tokenizer``, else the model's own (a GGUF file's, a checkpoint's),
+    else for a named configuration with random weights the bundled one; a missing pad token
+    is the EOS token."""
+    name = cfg.tokenizer or cfg.model
+    if cfg.tokenizer is None and cfg.model in models.NAMED_CONFIGS:
         return data.default_tokenizer()
-    from transformers import AutoTokenizer
+    if name in download.MODELS or str(name).endswith(".gguf"):
+        tok = llama.tokenizer(name)
+    else:
+        from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+        tok = AutoTokenizer.from_pretrained(name)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -171,7 +182,7 @@ def finetune(cfg: RunConfig, run_dir: str, *, max_steps=None, stop_at=None, chec
     if stop_at is None:
         summary["results"] = evaluate_tasks(cfg, model, trained, tokenizer, run_dir, method=cfg.method)
     if merged_out:
-        phi.save_pretrained(core.materialize(trained), hf_config, merged_out)
+        models.MODEL_TYPES[hf_config.model_type].save_pretrained(core.materialize(trained), hf_config, merged_out)
     if peft_out:
         peft_format.save(trained, peft_out, base_model_name_or_path=cfg.model, base=params)
     return summary

@@ -219,3 +219,27 @@ def test_bad_input_names_what_is_wrong(case, tmp_path):
         llama.config("llama-9")
     with pytest.raises(ValueError, match="sequence length 65 exceeds max_position_embeddings 64"):
         model.apply({"params": case[4]}, jnp.zeros((1, 65), jnp.int32))
+
+
+# ------------------------------------------------------------------ PEFT's format
+
+
+@pytest.mark.parametrize("method,hp", [("lora", dict(r=4, alpha=8.0)), ("dora", dict(r=4, alpha=8.0)),
+                                       ("oft", dict(block_size=8, side="in"))])
+def test_peft_export_loads_on_transformers_llama(case, ids, tmp_path, method, hp):
+    """Adapters trained on the port, exported with the Hugging Face module names, load in
+    ``peft.PeftModel`` on transformers' model and give the port's logits."""
+    peft = pytest.importorskip("peft")
+    from jpeft import peft_format
+
+    name, _, path, model, params = case
+    if name != "llama-gqa-llama3-tied":
+        pytest.skip("one configuration suffices (GQA: the key/value projections are narrower)")
+    adapted = perturb(jpeft.apply(params, method, key=jax.random.key(1),
+                                  targets=r".*(q_proj|k_proj|v_proj|down_proj)/kernel", **hp), jax.random.key(2), 0.1)
+    peft_format.save(adapted, tmp_path, base_model_name_or_path=path)
+    ours = np.asarray(model.apply({"params": adapted}, jnp.asarray(ids)))
+    assert np.abs(ours - np.asarray(model.apply({"params": params}, jnp.asarray(ids)))).max() > 1e-3
+    hf = transformers.LlamaForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path).eval()
+    assert_close_to_scale(hf_logits(theirs, ids), ours, 1e-4)
