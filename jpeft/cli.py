@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jpeft import quant, train
 from jpeft.methods import BUILTIN
 from jpeft import models
-from jpeft.models import layers, phi
+from jpeft.models import layers, llama, phi
 
 THESIS_METHODS = ("lora", "dora", "lokr", "oft", "boft", "shoft", "rhoft")
 ALL_METHODS = tuple(BUILTIN)  # the thesis' seven, hra, the seeds' other methods, bitfit, full
@@ -333,12 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", formatter_class=fmt, help="time training steps of each method (and HF PEFT with --peft)")
     bench.add_argument("--model", default="tiny", metavar="MODEL",
-                       choices=[*NAMED_MODELS, *(f"{arch}:{m}" for arch in ("linen", "nnx") for m in NAMED_MODELS)],
-                       help="random weights, real shapes: the Phi port (%s), or linen:SIZE / nnx:SIZE, a decoder of "
-                            "stock flax modules at that size run through jpeft.wrap and compared with the materialize "
-                            "route, qwix's LoRA and full fine-tuning; also %s, a 7B-class Phi without a checkpoint, "
-                            "for --compile-only" % (", ".join(m for m in NAMED_MODELS if m not in SHAPES_ONLY_MODELS),
-                                                   ", ".join(SHAPES_ONLY_MODELS)))
+                       choices=[*NAMED_MODELS, *(f"{arch}:{m}" for arch in ("linen", "nnx") for m in phi.NAMED_CONFIGS)],
+                       help="random weights, real shapes: the Phi port (%s), the Llama port (%s), or linen:SIZE / "
+                            "nnx:SIZE, a decoder of stock flax modules at a Phi size run through jpeft.wrap and "
+                            "compared with the materialize route, qwix's LoRA and full fine-tuning; also %s, a 7B-class "
+                            "Phi without a checkpoint, for --compile-only" % (
+                                ", ".join(m for m in phi.NAMED_CONFIGS if m not in SHAPES_ONLY_MODELS),
+                                ", ".join(llama.NAMED_CONFIGS), ", ".join(SHAPES_ONLY_MODELS)))
     bench.add_argument("--batch", type=int, default=16)
     bench.add_argument("--seq-len", type=int, default=256)
     bench.add_argument("--methods", nargs="+", default=list(THESIS_METHODS), help=METHODS_HELP)

@@ -65,7 +65,7 @@ class TrainConfig:
     galore_scale: float = 0.25
 
     def __post_init__(self):
-        from jpeft.models.phi import check_remat
+        from jpeft.models.layers import check_remat
 
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")

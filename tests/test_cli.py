@@ -51,7 +51,7 @@ def test_set_syntax_version_help_and_no_run_dir_on_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "--model MODEL" in help_text and "(phi-1.5, small, tiny), or linen:SIZE / nnx:SIZE" in help_text
+    assert "--model MODEL" in help_text and "the Phi port (phi-1.5, small, tiny), the Llama port (smollm2-135m," in help_text
     assert "(default: tiny)" in help_text and "hra" in help_text
     # a run refused by validation leaves no run directory behind
     run = tmp_path / "run"
@@ -81,6 +81,46 @@ def test_train_then_eval_with_the_adapter(tmp_path, capsys):
     cli.main(["eval", *args[:-2], "--adapter", str(run / "adapter"), "--run-dir", str(tmp_path / "eval")])
     again = json.loads((tmp_path / "eval" / "results" / "piqa.json").read_text())
     assert again["accuracy"] == trained["accuracy"]  # the adapter export reproduces the trained model
+
+
+def test_train_export_eval_on_a_llama_checkpoint_directory(tmp_path, capsys):
+    """A Llama directory as transformers writes it (model + tokenizer): train, PEFT export,
+    merged export, eval; a directory of a model_type jpeft does not port exits 2."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    from jpeft import data
+
+    base = tmp_path / "llama"
+    cfg = transformers.LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(base)
+    data.default_tokenizer().save_pretrained(base)
+    run = tmp_path / "run"
+    args = ["--model", str(base), "--tasks", "arc_easy", "--batch-size", "4", "--dtype", "float32", "--max-length", "128"]
+    cli.main(["train", *args, "--method", "lora", "--steps", "4", "--lr", "1e-2", "--warmup-steps", "1",
+              "--run-dir", str(run), "--peft-out", str(tmp_path / "peft"), "--merged-out", str(tmp_path / "merged")])
+    assert "arc_easy" in capsys.readouterr().out
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert type(merged).__name__ == "LlamaForCausalLM"
+    theirs = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), tmp_path / "peft")
+    ids = torch.tensor([[5, 17, 300, 2, 9]])
+    with torch.no_grad():  # the PEFT adapter on the base is the merged model
+        torch.testing.assert_close(theirs(ids).logits, merged(ids).logits, rtol=1e-4, atol=1e-4)
+    trained = json.loads((run / "results" / "arc_easy.json").read_text())
+    cli.main(["eval", *args, "--adapter", str(run / "adapter"), "--run-dir", str(tmp_path / "eval")])
+    assert json.loads((tmp_path / "eval" / "results" / "arc_easy.json").read_text())["accuracy"] == trained["accuracy"]
+    config = json.loads((base / "config.json").read_text())
+    (tmp_path / "neox").mkdir()
+    (tmp_path / "neox" / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["eval", "--model", str(tmp_path / "neox"), "--tasks", "arc_easy"])
+    assert exit_.value.code == 2
+    assert "model_type 'gpt_neox' is not supported; jpeft ports model_type phi, llama, mistral, qwen2" in (
+        capsys.readouterr().err)
 
 
 def test_bench_smoke_writes_json_table_and_plot(tmp_path):

@@ -68,6 +68,25 @@ def test_fsdp_specs_replicate_trainables_and_follow_nodes_and_quantized_kernels(
     assert codes == [P("fsdp")], specs
 
 
+def test_llama_port_placements_follow_the_hugging_face_names():
+    """The tensor-parallel rules read the Llama port's names unchanged: q/k/v, gate and up
+    split by output features, o_proj and down_proj by input features (SmolLM2-135M's shapes)."""
+    from jpeft.models import llama
+
+    shapes = llama.param_shapes(llama.make_model(llama.config("smollm2-135m")))
+    adapted = jax.eval_shape(lambda p: jpeft.apply(p, "lora", key=jax.random.key(0), r=8), shapes)
+    specs = specs_by_path(adapted, tp_axis="tp")
+    layer = "model/layers_3"
+    assert specs[f"{layer}/self_attn/q_proj/kernel/frozen/kernel"] == P("fsdp", "tp")  # (576, 576)
+    assert specs[f"{layer}/self_attn/k_proj/kernel/frozen/kernel"] == P("fsdp", "tp")  # (576, 192)
+    assert specs[f"{layer}/self_attn/q_proj/kernel/trainable/a"] == P()
+    assert specs[f"{layer}/self_attn/o_proj/kernel"] == P("tp", "fsdp")
+    assert specs[f"{layer}/mlp/gate_proj/kernel"] == specs[f"{layer}/mlp/up_proj/kernel"] == P("fsdp", "tp")
+    assert specs[f"{layer}/mlp/down_proj/kernel"] == P("tp", "fsdp")  # (1536, 576)
+    assert specs["model/embed_tokens/embedding"] == P("fsdp", None)  # tied: the one (49152, 576) matrix
+    assert specs[f"{layer}/input_layernorm/scale"] == P(None)  # 576 < min_size
+
+
 def test_meshes_and_batches():
     assert sharding.parse_mesh("data=2, fsdp=4") == {"data": 2, "fsdp": 4}
     for bad, message in (("data=2,data=2", "twice"), ("pipe=2", "AXIS one of"), ("data=0", "positive"), ("", "no axis"),

@@ -292,6 +292,29 @@ def layer_hooks(module: nn.Module, hooks: dict | None, index: int, context, dete
     return hook
 
 
+class Block(nn.Module):
+    """A decoder layer: a family subclasses it with a compact ``__call__(x, positions, allowed,
+    deterministic, layer_cache=None, cache_index=None, prefix=None, hooks=None, context=None)
+    -> (x, new_layer_cache)`` that starts with :meth:`attend`."""
+
+    spec: Spec
+    dtype: DType
+    param_dtype: DType
+    index: int = 0
+
+    def attend(self, x, positions, allowed, deterministic, layer_cache, cache_index, prefix, hooks, context):
+        """What every port's layer does first: the ``"input"`` hook, ``input_layernorm`` and
+        self-attention. Returns ``(hook, x, h, attn, new_cache)``: the layer's hook function
+        (:func:`layer_hooks`), the stream after the input hook, its normalized copy (in the
+        compute dtype), the attention output before it joins the stream, and the new cache."""
+        hook = layer_hooks(self, hooks, self.index, context, deterministic)
+        x = hook("input", x, x)
+        h = norm(self.spec, self.param_dtype, "input_layernorm")(x).astype(self.dtype)
+        attn, new_cache = Attention(self.spec, self.dtype, self.param_dtype, name="self_attn")(
+            h, positions, allowed, deterministic, layer_cache, cache_index, prefix)
+        return hook, x, h, attn, new_cache
+
+
 class Decoder(nn.Module):
     """Token embedding, the family's decoder layers and the final norm (the ``model`` subtree)."""
 
@@ -329,9 +352,8 @@ class Decoder(nn.Module):
 class CausalLM(nn.Module):
     """A decoder-only causal LM; ``apply({"params": params}, input_ids, attention_mask=None, ...)``.
 
-    A family subclasses it, naming its decoder layer (``Layer``, called as
-    ``Layer(spec, dtype, param_dtype, index)(x, positions, allowed, deterministic, layer_cache,
-    cache_index, prefix, hooks, context) -> (x, new_layer_cache)``) and its final norm's name.
+    A family subclasses it, naming its decoder layer (``Layer``, a :class:`Block`) and its
+    final norm's name.
     ``remat`` (a key of :data:`REMAT_POLICIES`) rematerializes each decoder layer in the
     backward pass: same numbers, less activation memory, some recomputation.
 
@@ -482,6 +504,14 @@ class CausalLM(nn.Module):
         if cache is None:
             return logits
         return logits, {"layers": layers, "mask": seen, "index": index + t_all}
+
+
+def build(cls: type, spec: Spec, dtype: DType = jnp.float32, param_dtype: DType | None = None,
+          remat: str = "none") -> CausalLM:
+    """A port's module: ``dtype`` the compute dtype, ``param_dtype`` (default ``dtype``) that of
+    the weights, ``remat`` (a key of :data:`REMAT_POLICIES`) what each layer keeps for backward."""
+    check_remat(remat)
+    return cls(spec, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype or dtype), remat=remat)
 
 
 def init_cache(model: CausalLM, batch: int, size: int) -> dict:

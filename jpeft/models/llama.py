@@ -36,7 +36,7 @@ from transformers import LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Conf
 
 from jpeft.models import layers
 from jpeft.models.layers import (  # noqa: F401  (the shared pieces, under this module's name too)
-    REMAT_POLICIES, Linear, check_remat, generate, hf_name, init_cache, param_shapes,
+    REMAT_POLICIES, Linear, generate, hf_name, init_cache, param_shapes,
 )
 
 Array = jax.Array
@@ -166,27 +166,17 @@ class MLP(nn.Module):
         return dense("down_proj", s.hidden)(h, deterministic)
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(layers.Block):
     """The pre-norm block: ``h = x + attn(rms(x))``, then ``h + mlp(rms(h))``."""
-
-    spec: layers.Spec
-    dtype: DType
-    param_dtype: DType
-    index: int = 0
 
     @nn.compact
     def __call__(self, x, positions, allowed, deterministic, layer_cache=None, cache_index=None, prefix=None,
                  hooks=None, context=None):
-        s = self.spec
-        hook = layers.layer_hooks(self, hooks, self.index, context, deterministic)
-        entering = x = hook("input", x, x)
-        h = layers.norm(s, self.param_dtype, "input_layernorm")(x).astype(self.dtype)
-        attn, new_cache = layers.Attention(s, self.dtype, self.param_dtype, name="self_attn")(
-            h, positions, allowed, deterministic, layer_cache, cache_index, prefix
-        )
-        x = x + hook("attn", attn, h).astype(x.dtype)
-        h = layers.norm(s, self.param_dtype, "post_attention_layernorm")(x).astype(self.dtype)
-        x = x + hook("mlp", MLP(s, self.dtype, self.param_dtype, name="mlp")(h, deterministic), h).astype(x.dtype)
+        hook, entering, h, attn, new_cache = self.attend(x, positions, allowed, deterministic, layer_cache,
+                                                         cache_index, prefix, hooks, context)
+        x = entering + hook("attn", attn, h).astype(entering.dtype)
+        h = layers.norm(self.spec, self.param_dtype, "post_attention_layernorm")(x).astype(self.dtype)
+        x = x + hook("mlp", MLP(self.spec, self.dtype, self.param_dtype, name="mlp")(h, deterministic), h).astype(x.dtype)
         return hook("output", x, entering), new_cache
 
 
@@ -199,22 +189,14 @@ class LlamaForCausalLM(layers.CausalLM):
 
 def make_model(cfg: PretrainedConfig | dict | str, dtype: DType = jnp.float32, param_dtype: DType | None = None,
                remat: str = "none") -> LlamaForCausalLM:
-    """The Flax module for a config, a config dict or a config.json path / checkpoint directory.
-
-    ``dtype`` is the compute dtype, ``param_dtype`` (default: ``dtype``) that of the weights;
-    ``remat`` (a key of :data:`REMAT_POLICIES`) what each layer keeps for the backward pass.
-    """
-    check_remat(remat)
-    return LlamaForCausalLM(spec(load_config(cfg)), dtype=jnp.dtype(dtype),
-                            param_dtype=jnp.dtype(param_dtype or dtype), remat=remat)
+    """The Flax module of a config, a config dict or a config.json path / checkpoint directory
+    (:func:`jpeft.models.layers.build`: compute and weight dtypes, remat)."""
+    return layers.build(LlamaForCausalLM, spec(load_config(cfg)), dtype, param_dtype, remat)
 
 
 def init(cfg: PretrainedConfig | dict | str, key: Array, dtype: DType = jnp.float32,
          param_dtype: DType | None = None) -> tuple[LlamaForCausalLM, PyTree]:
-    """``(model, params)`` with random weights (normal(initializer_range), zero biases, unit norms).
-
-    Under ``jax.eval_shape`` it allocates nothing (count a full-size model's parameters).
-    """
+    """``(model, params)`` with random weights; under ``jax.eval_shape`` nothing is allocated."""
     model = make_model(cfg, dtype, param_dtype)
     return model, layers.init_params(model, key)
 

@@ -133,27 +133,17 @@ class MLP(nn.Module):
         return Linear(s.hidden, self.dtype, self.param_dtype, s.init_std, name="fc2")(h, deterministic)
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(layers.Block):
     """Phi's parallel block: ``x + attn(ln(x)) + mlp(ln(x))``, one LayerNorm."""
-
-    spec: layers.Spec
-    dtype: DType
-    param_dtype: DType
-    index: int = 0
 
     @nn.compact
     def __call__(self, x, positions, allowed, deterministic, layer_cache=None, cache_index=None, prefix=None,
                  hooks=None, context=None):
-        s = self.spec
-        hook = layers.layer_hooks(self, hooks, self.index, context, deterministic)
-        x = hook("input", x, x)
-        h = layers.norm(s, self.param_dtype, "input_layernorm")(x).astype(self.dtype)
-        attn, new_cache = layers.Attention(s, self.dtype, self.param_dtype, name="self_attn")(
-            h, positions, allowed, deterministic, layer_cache, cache_index, prefix
-        )
-        mlp = MLP(s, self.dtype, self.param_dtype, name="mlp")(h, deterministic)
+        hook, x, h, attn, new_cache = self.attend(x, positions, allowed, deterministic, layer_cache, cache_index,
+                                                  prefix, hooks, context)
+        mlp = MLP(self.spec, self.dtype, self.param_dtype, name="mlp")(h, deterministic)
         attn, mlp = hook("attn", attn, h), hook("mlp", mlp, h)
-        drop = nn.Dropout(s.resid_pdrop, deterministic=deterministic)
+        drop = nn.Dropout(self.spec.resid_pdrop, deterministic=deterministic)
         out = x + (drop(attn) + drop(mlp)).astype(x.dtype)
         return hook("output", out, x), new_cache
 
@@ -172,9 +162,7 @@ def make_model(cfg: PhiConfig | dict | str, dtype: DType = jnp.float32, param_dt
     ``dtype`` is the compute dtype, ``param_dtype`` (default: ``dtype``) that of the weights;
     ``remat`` (a key of :data:`REMAT_POLICIES`) what each layer keeps for the backward pass.
     """
-    check_remat(remat)
-    return PhiForCausalLM(spec(load_config(cfg)), dtype=jnp.dtype(dtype),
-                          param_dtype=jnp.dtype(param_dtype or dtype), remat=remat)
+    return layers.build(PhiForCausalLM, spec(load_config(cfg)), dtype, param_dtype, remat)
 
 
 def init(cfg: PhiConfig | dict | str, key: Array, dtype: DType = jnp.float32,
