@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jpeft import quant, train
 from jpeft.methods import BUILTIN
 from jpeft import models
-from jpeft.models import layers, llama, phi
+from jpeft.models import download, layers, llama, phi
 
 THESIS_METHODS = ("lora", "dora", "lokr", "oft", "boft", "shoft", "rhoft")
 ALL_METHODS = tuple(BUILTIN)  # the thesis' seven, hra, the seeds' other methods, bitfit, full
@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, TypeError, NotImplementedError, FileNotFoundError) as e:
+    except (ValueError, TypeError, NotImplementedError, FileNotFoundError, download.DownloadError) as e:
         print(f"jpeft {args.command}: error: {e}", file=sys.stderr)
         exit_now(2)
     except BaseException:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 from types import ModuleType
 
-from jpeft.models import layers, llama, phi
+from jpeft.models import download, gguf, layers, llama, phi
+from jpeft.models.download import fetch
 
 #: named configuration -> its port
 NAMED_CONFIGS: dict[str, ModuleType] = {**{n: phi for n in phi.NAMED_CONFIGS}, **{n: llama for n in llama.NAMED_CONFIGS}}
@@ -27,8 +28,6 @@ def family(name_or_path: str | os.PathLike) -> ModuleType:
     """The port (:mod:`~jpeft.models.phi` or :mod:`~jpeft.models.llama`) of a named configuration,
     a real model's name, a ``.gguf`` file or a checkpoint directory (by its ``model_type``);
     a directory of another ``model_type`` is a ValueError naming it and the supported ones."""
-    from jpeft.models import download
-
     text = os.fspath(name_or_path)
     if text in NAMED_CONFIGS:
         return NAMED_CONFIGS[text]
@@ -53,4 +52,5 @@ def make_model(cfg, *args, **kwargs):
     return MODEL_TYPES[cfg.model_type].make_model(cfg, *args, **kwargs)
 
 
-__all__ = ["family", "config", "make_model", "layers", "llama", "phi", "NAMED_CONFIGS", "MODEL_TYPES"]
+__all__ = ["family", "config", "make_model", "fetch", "download", "gguf", "layers", "llama", "phi",
+           "NAMED_CONFIGS", "MODEL_TYPES"]

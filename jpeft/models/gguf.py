@@ -52,6 +52,10 @@ _MISSING = object()
 # --------------------------------------------------------------------------- the file
 
 
+class _Damaged(Exception):
+    """Why a file cannot be read; :func:`_reader` puts the caller's path in front."""
+
+
 @functools.lru_cache(maxsize=1)
 def _reader_at(path: str, _inode: int, _size: int, _mtime_ns: int) -> _gguf.GGUFReader:
     # GGUFReader builds one numpy view per vocabulary entry (seconds for a 49k vocabulary), so the
@@ -60,17 +64,16 @@ def _reader_at(path: str, _inode: int, _size: int, _mtime_ns: int) -> _gguf.GGUF
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
-        raise ValueError(f"{path} is not a GGUF file: it starts with {magic!r}, not b'GGUF'")
+        raise _Damaged(f"is not a GGUF file: it starts with {magic!r}, not b'GGUF'")
     try:
         reader = _gguf.GGUFReader(path)
     except Exception as e:  # the reader fails in many ways on a damaged file (IndexError, ValueError, ...)
-        raise ValueError(f"{path} is not a readable GGUF file (damaged or cut short?): "
-                         f"{type(e).__name__}: {e}") from e
+        raise _Damaged(f"is not a readable GGUF file (damaged or cut short?): {type(e).__name__}: {e}") from e
     # The reader maps whatever bytes exist; a tensor reaching past the end means the file was cut.
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > _size or t.data.nbytes != t.n_bytes:
-            raise ValueError(f"{path} is cut short: tensor {t.name} needs bytes {t.data_offset}.."
-                             f"{t.data_offset + t.n_bytes} of a {_size}-byte file")
+            raise _Damaged(f"is cut short: tensor {t.name} needs bytes {t.data_offset}.."
+                           f"{t.data_offset + t.n_bytes} of a {_size}-byte file")
     return reader
 
 
@@ -79,7 +82,10 @@ def _reader(path: str | os.PathLike) -> tuple[str, _gguf.GGUFReader]:
     st = os.stat(path)  # a missing file stays FileNotFoundError
     if st.st_size == 0:
         raise ValueError(f"{path} is not a GGUF file: it is empty")
-    return path, _reader_at(os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    try:
+        return path, _reader_at(os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    except _Damaged as e:
+        raise ValueError(f"{path} {e}") from e.__cause__
 
 
 def _field(reader: _gguf.GGUFReader, key: str, default: Any = _MISSING, *, path: str = "") -> Any:
@@ -227,16 +233,26 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, d, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _dequantize(path: str, t: Any) -> np.ndarray:
+@functools.cache
+def _readable(kind: _gguf.GGMLQuantizationType) -> bool:
+    """Whether the installed gguf package dequantizes ``kind`` (probed on one zero block)."""
+    if kind in (_gguf.GGMLQuantizationType.F32, _gguf.GGMLQuantizationType.F16, _gguf.GGMLQuantizationType.F64):
+        return True
+    if kind.name.startswith("I") and kind.name[1:].isdigit():  # I8..I64: integers, never weights
+        return False
+    try:
+        _gguf.quants.dequantize(np.zeros(_gguf.GGML_QUANT_SIZES[kind][1], np.uint8), kind)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _dequantize(t: Any) -> np.ndarray:
     kind = _gguf.GGMLQuantizationType(t.tensor_type)
     if kind == _gguf.GGMLQuantizationType.F64:  # plain, but dequantize() has no case for it
         array = np.asarray(t.data, dtype=np.float32)
     else:
-        try:
-            array = _gguf.quants.dequantize(t.data, kind)
-        except NotImplementedError as e:
-            raise ValueError(f"{path}: tensor {t.name} has type {kind.name}, which gguf "
-                             f"{getattr(_gguf, '__version__', '')} cannot dequantize ({e})") from e
+        array = _gguf.quants.dequantize(t.data, kind)
     # GGUF lists dims innermost first: reversed, they are PyTorch's (out, in).
     return array.reshape(tuple(int(d) for d in reversed(t.shape)))
 
@@ -247,22 +263,31 @@ def tensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
     Arrays are in the Hugging Face PyTorch layout ((out, in) for Linear weights), every type the
     ``gguf`` package can dequantize (F32, F16, BF16, Q8_0, Q4_0/1, Q5_0/1, the K-quants, ...)
     turned into float32; llama.cpp's Q/K row order is undone for ``llama`` (``qwen2`` files are
-    written without it). A tied file yields no ``lm_head.weight``. A tensor of a type that cannot
-    be read, or without a Hugging Face name, is a ValueError naming it and the file. The
-    metadata is checked (:func:`config`) before the first tensor is produced.
+    written without it). A tied file yields no ``lm_head.weight``. The metadata (:func:`config`),
+    every name and every type are checked here, before any tensor is read: one that cannot be
+    read, or has no Hugging Face name, is a ValueError naming it and the file.
     """
     path, reader = _reader(path)
     cfg = config(path)
-    names = tensor_names(path)  # every name is checked before any data is read
+    names = tensor_names(path)
+    for t in reader.tensors:
+        kind = _gguf.GGMLQuantizationType(t.tensor_type)
+        if not _readable(kind):
+            raise ValueError(f"{path}: tensor {t.name} has type {kind.name}, which the installed gguf "
+                             f"package cannot dequantize")
     permute = {}
     if _architecture(path, reader) == "llama":
         permute = {"attn_q": cfg["num_attention_heads"], "attn_k": cfg["num_key_value_heads"]}
-    for t, name in zip(reader.tensors, names):
-        array = _dequantize(path, t)
-        if (m := _BLOCK.fullmatch(t.name)) and m.group(2) in permute:
-            array = _unpermute(array, permute[m.group(2)])
-        # a copy: never a view of the memory map (F32 arrives as one), and float32 whatever came in
-        yield name, np.array(array, dtype=np.float32, order="C", copy=True)
+
+    def read() -> Iterator[tuple[str, np.ndarray]]:
+        for t, name in zip(reader.tensors, names):
+            array = _dequantize(t)
+            if (m := _BLOCK.fullmatch(t.name)) and m.group(2) in permute:
+                array = _unpermute(array, permute[m.group(2)])
+            # a copy: never a view of the memory map (F32 arrives as one), and float32 whatever came in
+            yield name, np.array(array, dtype=np.float32, order="C", copy=True)
+
+    return read()
 
 
 # --------------------------------------------------------------------------- tokenizer

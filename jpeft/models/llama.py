@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from transformers import LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
 
-from jpeft.models import layers
+from jpeft.models import download, gguf, layers
 from jpeft.models.layers import (  # noqa: F401  (the shared pieces, under this module's name too)
     REMAT_POLICIES, Linear, generate, hf_name, init_cache, param_shapes,
 )
@@ -94,7 +94,7 @@ def config(name: str) -> PretrainedConfig:
     :func:`init`, real ones (``"smollm2-135m"``) with :func:`from_pretrained`."""
     if name not in NAMED_CONFIGS:
         raise ValueError(f"unknown Llama-family configuration {name!r}; known: {sorted(NAMED_CONFIGS)}")
-    return load_config(dict(NAMED_CONFIGS[name]))
+    return load_config(copy.deepcopy(NAMED_CONFIGS[name]))  # transformers writes into a rope_scaling dict
 
 
 def load_config(cfg: PretrainedConfig | dict | str | os.PathLike) -> PretrainedConfig:
@@ -207,10 +207,6 @@ def init(cfg: PretrainedConfig | dict | str, key: Array, dtype: DType = jnp.floa
 def _gguf_path(path_or_name: str | os.PathLike) -> str | None:
     """The GGUF file a name or path stands for (fetched for a named real model), else None."""
     text = os.fspath(path_or_name)
-    if os.path.isdir(text):
-        return None
-    from jpeft.models import download
-
     if text in download.MODELS:
         return os.fspath(download.fetch(text))
     return text if text.endswith(".gguf") else None
@@ -220,8 +216,6 @@ def hf_config(path_or_name: str | os.PathLike) -> PretrainedConfig:
     """The transformers config of a checkpoint directory, a ``.gguf`` file or a named real model."""
     file = _gguf_path(path_or_name)
     if file:
-        from jpeft.models import gguf
-
         return load_config(gguf.config(file))
     return load_config(layers.checkpoint_directory(path_or_name))
 
@@ -242,8 +236,6 @@ def from_pretrained(path_or_name: str | os.PathLike, dtype: DType = jnp.float32,
     """
     file = _gguf_path(path_or_name)
     if file:
-        from jpeft.models import gguf
-
         model = make_model(gguf.config(file), dtype, param_dtype)
         names, read = gguf.tensor_names(file), lambda: gguf.tensors(file)
         where = f"GGUF file {file}"
@@ -263,8 +255,6 @@ def tokenizer(path_or_name: str | os.PathLike):
     template kept: :func:`jpeft.models.gguf.tokenizer`), else a hub id."""
     file = _gguf_path(path_or_name)
     if file:
-        from jpeft.models import gguf
-
         return gguf.tokenizer(file)
     from transformers import AutoTokenizer
 
