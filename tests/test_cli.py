@@ -121,6 +121,11 @@ def test_train_export_eval_on_a_llama_checkpoint_directory(tmp_path, capsys):
     assert exit_.value.code == 2
     assert "model_type 'gpt_neox' is not supported; jpeft ports model_type phi, llama, mistral, qwen2" in (
         capsys.readouterr().err)
+    damaged = tmp_path / "damaged.gguf"
+    damaged.write_bytes(b"GGUF" + bytes(40))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["eval", "--model", str(damaged), "--tasks", "arc_easy"])
+    assert exit_.value.code == 2 and str(damaged) in capsys.readouterr().err
 
 
 def test_bench_smoke_writes_json_table_and_plot(tmp_path):
