@@ -28,7 +28,7 @@ PyTree = Any
 #: Registry of methods by name; extend it with :func:`register`.
 methods: dict[str, Method] = dict(BUILTIN)
 
-#: The Q/K/V projection kernels of :mod:`jpeft.models.phi` (and of any model that names
+#: The Q/K/V projection kernels of :mod:`jpeft.models.phi` and :mod:`jpeft.models.llama` (and of any model that names
 #: its attention projections ``q_proj``/``k_proj``/``v_proj``).
 DEFAULT_TARGETS = r"(.*/)?(q_proj|k_proj|v_proj)/kernel"
 

@@ -33,7 +33,8 @@ that has ``jpeft_dims()``, or the dims themselves). A model implements the proto
 3. calling :func:`virtual_embeddings`, :func:`prefix_kv` and :func:`residual` at the
    points above, with a :class:`Context` of the pass (token ids, the prompt mask).
 
-``jpeft.models.phi`` implements all of them; see it for a complete example.
+Both ports (``jpeft.models.phi``, ``jpeft.models.llama``, through ``jpeft.models.layers``)
+implement all of them; see ``layers.CausalLM`` for a complete example.
 """
 
 from __future__ import annotations

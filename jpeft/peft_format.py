@@ -4,7 +4,7 @@ What ``peft.PeftModel.from_pretrained``, vLLM/TGI multi-LoRA servers and the Hub
 Tensor keys are ``base_model.model.<module>.<name>`` with PyTorch's (out, in) orientation,
 so the (in, out) Flax factors are transposed on the way out and back. ``names`` maps a
 jpeft kernel path to the Hugging Face module name: a function, a dict (paths it lacks are
-not addressable), or the default :func:`module_name`, the Phi port's rule
+not addressable), or the default :func:`module_name`, the ports' rule (Phi and Llama)
 ``model/layers_0/self_attn/q_proj/kernel`` -> ``model.layers.0.self_attn.q_proj``.
 
 Both directions (:data:`METHODS`): LoRA (``use_rslora``; PiSSA/OLoRA, see :func:`save`),
@@ -222,7 +222,7 @@ def _matches(module: str, targets: str | list[str]) -> bool:
 
 
 def module_name(path: str) -> str:
-    """The Phi port's (and most linen models') rule: drop the leaf name, ``/`` -> ``.``,
+    """The ports' (Phi, Llama; and most linen models') rule: drop the leaf name, ``/`` -> ``.``,
     ``layers_3`` -> ``layers.3``."""
     parts = path.split("/")[:-1]
     return ".".join(re.sub(r"_(\d+)$", r".\1", p) for p in parts)
