@@ -11,7 +11,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from jpeft import quant, train
+from jpeft import data, quant, train
 from jpeft.methods import BUILTIN
 from jpeft import models
 from jpeft.models import download, layers, llama, phi
@@ -178,7 +178,7 @@ def _run_config(args):
     return pipeline.RunConfig(
         model=args.model, method=args.method, hparams=hparams, targets=tuple(args.targets) if args.targets else None,
         also_train=tuple(args.also_train) if args.also_train else None,
-        tasks=pipeline.parse_tasks(args.tasks), data_dir=args.data_dir, instructions=getattr(args, "instructions", None),
+        tasks=pipeline.parse_tasks(args.tasks), template=args.template, data_dir=args.data_dir, instructions=getattr(args, "instructions", None),
         tokenizer=args.tokenizer, eval_split=args.split, limit=args.limit, seed=args.seed, quantize=args.quantize,
         mesh=getattr(args, "mesh", None), train=tcfg,
     )
@@ -246,6 +246,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--also-train", nargs="+", default=None, metavar="REGEX",
                    help="further leaves to train fully, e.g. '.*final_layernorm/.*' (PEFT's modules_to_save)")
     p.add_argument("--tasks", nargs="+", default=["piqa"], help="task names or 'all'")
+    p.add_argument("--template", default="promptsource", choices=data.TEMPLATE_SETS,
+                   help="the tasks' prompts and choices: promptsource (the thesis' PromptSource templates) or harness "
+                        "(lm-evaluation-harness', e.g. 'Question: ...\nAnswer:' + ' <answer text>' for ARC)")
     p.add_argument("--data-dir", default=None, help="{task}/{split}.jsonl|json|parquet in HF schemas (default: bundled samples)")
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--split", default="validation", help="evaluation split")

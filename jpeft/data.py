@@ -35,6 +35,21 @@ drops a fifth option, and records keyed "1".."4" get the target "1" for options 
 here every option gets the letter of its position and the target is the letter at the
 answerKey's position, which is the same for all records labelled A–D.
 
+``template="harness"`` renders lm-evaluation-harness' prompts and choices instead (its
+``acc`` / ``acc_norm`` are ``accuracy`` / ``accuracy_norm`` of :mod:`jpeft.eval`):
+
+=============  ===================================================  ==========================
+task           prompt                                               choices
+=============  ===================================================  ==========================
+boolq          ``{passage}\nQuestion: {question}?\nAnswer:``        ``no``, ``yes``
+piqa           ``Question: {goal}\nAnswer:``                        sol1, sol2
+siqa           ``Q: {context} {question}\nA:``                      answerA, answerB, answerC
+winogrande     the sentence up to the blank, the option filling it  the rest of the sentence
+               (one prompt per option: :attr:`Example.prompts`)     (the same for both)
+arc_*          ``Question: {question}\nAnswer:``                    the texts
+obqa           ``Question: {question_stem}\nAnswer:``               the texts
+=============  ===================================================  ==========================
+
 A model scores, and is trained on, ``ANSWER_PREFIX + choice`` appended to the prompt (the
 PromptSource target follows the prompt after one space). LLM-Adapters records
 (``commonsense_170k.json``) render with the Alpaca prompts :data:`ALPACA` /
@@ -100,13 +115,21 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One rendered record: the model scores ``prompt + ANSWER_PREFIX + choice`` per choice."""
+    """One rendered record: the model scores ``prompt + ANSWER_PREFIX + choice`` per choice.
+
+    ``prompts``, where given, is one prompt per choice instead (lm-evaluation-harness'
+    WinoGrande: the option fills the blank in the context, the rest of the sentence is scored)."""
 
     prompt: str
     choices: tuple[str, ...]
     label: int
     task: str
     source: str  # "file:record_index"
+    prompts: tuple[str, ...] | None = None
+
+    def prompt_for(self, choice: int) -> str:
+        """The prompt that choice ``choice`` follows."""
+        return self.prompt if self.prompts is None else self.prompts[choice]
 
 
 # ----------------------------------------------------------------------- templates
@@ -206,10 +229,56 @@ def _obqa(r: dict, w: str) -> Rendered:
     return f"{_text(r, 'question_stem', w)}\n\nWhich is the correct answer?\n- " + "\n- ".join(texts), tuple(texts), label
 
 
-RENDERERS: dict[str, Callable[[dict, str], Rendered]] = {
-    "boolq": _boolq, "piqa": _piqa, "siqa": _siqa, "winogrande": _winogrande,
-    "arc_easy": _arc_easy, "arc_challenge": _arc_challenge, "obqa": _obqa,
+# lm-evaluation-harness' task configurations (its ``doc_to_text`` / ``doc_to_choice``; the
+# continuation follows the context after one space, its ``target_delimiter``)
+
+
+def _harness_boolq(r: dict, w: str) -> Rendered:
+    _, _, label = _boolq(r, w)
+    return f"{_text(r, 'passage', w)}\nQuestion: {_text(r, 'question', w)}?\nAnswer:", ("no", "yes"), label
+
+
+def _harness_piqa(r: dict, w: str) -> Rendered:
+    return f"Question: {_text(r, 'goal', w)}\nAnswer:", (_text(r, "sol1", w), _text(r, "sol2", w)), _index(r, "label", 2, w)
+
+
+def _harness_siqa(r: dict, w: str) -> Rendered:
+    choices = tuple(_text(r, f"answer{c}", w) for c in "ABC")
+    return f"Q: {_text(r, 'context', w)} {_text(r, 'question', w)}\nA:", choices, _index(r, "label", 3, w, base=1)
+
+
+def _harness_winogrande(r: dict, w: str) -> tuple[str, tuple[str, ...], int, tuple[str, str]]:
+    """Partial scoring: each option fills the blank of the context before it; the sentence after
+    the blank is the continuation both contexts score."""
+    sentence, options = _text(r, "sentence", w), (_text(r, "option1", w), _text(r, "option2", w))
+    if "_" not in sentence:
+        raise DataError(f"{w}: field 'sentence' has no '_' blank: {sentence!r}")
+    blank = sentence.index("_")
+    rest = sentence[blank + 1:].strip()
+    contexts = tuple(sentence[:blank] + option for option in options)
+    return contexts[0], (rest, rest), _index(r, "answer", 2, w, base=1), contexts
+
+
+def _harness_qa(question_field: str) -> Callable[[dict, str], Rendered]:
+    def render(r: dict, w: str) -> Rendered:
+        texts, _, label = _keyed_choices(r, w)
+        return f"Question: {_text(r, question_field, w)}\nAnswer:", tuple(texts), label
+
+    return render
+
+
+#: template set -> task -> renderer (record, where) -> (prompt, choices, label[, per-choice prompts])
+RENDERERS: dict[str, dict[str, Callable]] = {
+    "promptsource": {
+        "boolq": _boolq, "piqa": _piqa, "siqa": _siqa, "winogrande": _winogrande,
+        "arc_easy": _arc_easy, "arc_challenge": _arc_challenge, "obqa": _obqa,
+    },
+    "harness": {
+        "boolq": _harness_boolq, "piqa": _harness_piqa, "siqa": _harness_siqa, "winogrande": _harness_winogrande,
+        "arc_easy": _harness_qa("question"), "arc_challenge": _harness_qa("question"), "obqa": _harness_qa("question_stem"),
+    },
 }
+TEMPLATE_SETS = tuple(RENDERERS)
 
 
 # ------------------------------------------------------------------------- loading
@@ -270,8 +339,10 @@ def _hub_records(name: str, split: str) -> tuple[list[dict], str]:
 
 
 def load_task(name: str, split: str = "train", *, path: PathLike | Sequence[PathLike] | None = None,
-              limit: int | None = None) -> list[Example]:
-    """The examples of task ``name`` (one of :data:`TASKS`), rendered with its template.
+              limit: int | None = None, template: str = "promptsource") -> list[Example]:
+    """The examples of task ``name`` (one of :data:`TASKS`), rendered with its template of
+    ``template`` (:data:`TEMPLATE_SETS`: ``promptsource``, the thesis' PromptSource templates,
+    or ``harness``, lm-evaluation-harness' prompts and choices).
 
     ``path``: local file(s) with the Hugging Face dataset's fields (``split`` is then only a
     label); without it the dataset is loaded from the hub by name. ``limit`` keeps the first
@@ -279,6 +350,8 @@ def load_task(name: str, split: str = "train", *, path: PathLike | Sequence[Path
     """
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
+    if template not in RENDERERS:
+        raise ValueError(f"unknown template {template!r}; templates: {', '.join(TEMPLATE_SETS)}")
     if path is None:
         records, origin = _hub_records(name, split)
         sources = [(origin, i, r) for i, r in enumerate(records)]
@@ -287,8 +360,8 @@ def load_task(name: str, split: str = "train", *, path: PathLike | Sequence[Path
         sources = [(os.fspath(p), i, r) for p in paths for i, r in enumerate(read_records(p))]
     examples = []
     for origin, i, r in sources[:limit]:
-        prompt, choices, label = RENDERERS[name](r, f"{origin}: record {i}")
-        examples.append(Example(prompt, choices, label, name, f"{origin}:{i}"))
+        prompt, choices, label, *prompts = RENDERERS[template][name](r, f"{origin}: record {i}")
+        examples.append(Example(prompt, choices, label, name, f"{origin}:{i}", *prompts))
     return examples
 
 
@@ -317,7 +390,7 @@ def load_instructions(path: PathLike, limit: int | None = None) -> list[tuple[st
 
 def training_pairs(examples: Sequence[Example]) -> list[tuple[str, str]]:
     """(prompt, ``ANSWER_PREFIX`` + correct choice) per example, for :func:`encode_pairs`."""
-    return [(ex.prompt, ANSWER_PREFIX + ex.choices[ex.label]) for ex in examples]
+    return [(ex.prompt_for(ex.label), ANSWER_PREFIX + ex.choices[ex.label]) for ex in examples]
 
 
 # ---------------------------------------------------------------------- tokenizing
@@ -435,10 +508,11 @@ def choice_batches(examples: Sequence[Example], tokenizer, *, batch_size: int, m
     first row's tokens with ``loss_mask`` 0), so every batch has the same shape.
     """
     pad = special_ids(tokenizer)[1]
-    prompts = token_ids(tokenizer, [ex.prompt for ex in examples])
     owners = [(e, c, len(choice)) for e, ex in enumerate(examples) for c, choice in enumerate(ex.choices)]
+    prompts = token_ids(tokenizer, [examples[e].prompt_for(c) for e, c, _ in owners])
     answers = token_ids(tokenizer, [ANSWER_PREFIX + examples[e].choices[c] for e, c, _ in owners])
-    joined = [_join(prompts[e], a, max_length, f"{examples[e].source}, choice {c}") for (e, c, _), a in zip(owners, answers)]
+    joined = [_join(p, a, max_length, f"{examples[e].source}, choice {c}")
+              for (e, c, _), p, a in zip(owners, prompts, answers)]
     encoded = EncodedPairs(tuple(s for s, _ in joined), tuple(k for _, k in joined), max_length, pad)
     for first in range(0, len(owners), batch_size):
         rows = list(range(first, min(first + batch_size, len(owners))))

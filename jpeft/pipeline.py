@@ -35,6 +35,7 @@ class RunConfig:
     targets: tuple[str, ...] | None = None
     also_train: tuple[str, ...] | None = None  # regexes of further leaves to train fully (biases, norms, a head)
     tasks: tuple[str, ...] = ("piqa",)
+    template: str = "promptsource"  # the tasks' prompts and choices: promptsource (the thesis') or harness (jpeft.data)
     data_dir: str | None = None  # {task}/{split}.jsonl|json|parquet; None: bundled samples (or the hub)
     instructions: str | None = None  # an LLM-Adapters json file to train on instead of the tasks' train splits
     tokenizer: str | None = None  # None: the checkpoint's tokenizer, or the bundled one for named configs
@@ -97,7 +98,7 @@ def task_file(cfg: RunConfig, task: str, split: str):
 
 
 def load_examples(cfg: RunConfig, task: str, split: str) -> list[data.Example]:
-    return data.load_task(task, split, path=task_file(cfg, task, split), limit=cfg.limit)
+    return data.load_task(task, split, path=task_file(cfg, task, split), limit=cfg.limit, template=cfg.template)
 
 
 def training_pairs(cfg: RunConfig) -> list[tuple[str, str]]:

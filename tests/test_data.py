@@ -291,3 +291,45 @@ def test_bundled_tokenizer(tok):
     text = "Which is the correct answer?\n- héllo wörld 42"
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
     assert json.loads(make_tokenizer.train().to_str()) == json.loads(path.read_text())  # make_tokenizer reproduces it
+
+
+# ------------------------------------------------------- lm-evaluation-harness' templates
+
+HARNESS = {  # record -> (prompt, choices, label, per-choice prompts or None), as the harness renders them
+    "boolq": ({"passage": "Water boils at 100 C at sea level.", "question": "does water boil at 100 c", "answer": True},
+              ("Water boils at 100 C at sea level.\nQuestion: does water boil at 100 c?\nAnswer:", ("no", "yes"), 1, None)),
+    "piqa": ({"goal": "Open a jar.", "sol1": "Twist the lid.", "sol2": "Freeze the lid.", "label": 0},
+             ("Question: Open a jar.\nAnswer:", ("Twist the lid.", "Freeze the lid."), 0, None)),
+    "siqa": ({"context": "Sam gave Ana a gift.", "question": "How does Ana feel?", "answerA": "happy",
+              "answerB": "bored", "answerC": "angry", "label": "1"},
+             ("Q: Sam gave Ana a gift. How does Ana feel?\nA:", ("happy", "bored", "angry"), 0, None)),
+    "winogrande": ({"sentence": "The cup fell off the table because _ was too close to the edge.",
+                    "option1": "the cup", "option2": "the table", "answer": "1"},
+                   ("The cup fell off the table because the cup", ("was too close to the edge.",) * 2, 0,
+                    ("The cup fell off the table because the cup", "The cup fell off the table because the table"))),
+    "arc_easy": ({"question": "Which is a liquid?", "choices": {"text": ["ice", "water", "steam"], "label": ["A", "B", "C"]},
+                  "answerKey": "B"}, ("Question: Which is a liquid?\nAnswer:", ("ice", "water", "steam"), 1, None)),
+    "obqa": ({"question_stem": "The sun is a", "choices": {"text": ["star", "planet"], "label": ["A", "B"]},
+              "answerKey": "A"}, ("Question: The sun is a\nAnswer:", ("star", "planet"), 0, None)),
+}
+
+
+@pytest.mark.parametrize("task", list(HARNESS))
+def test_harness_templates_render_as_the_harness(task, tmp_path, tok):
+    record, (prompt, choices, label, prompts) = HARNESS[task]
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    (ex,) = data.load_task(task, path=path, template="harness")
+    assert (ex.prompt, ex.choices, ex.label, ex.prompts) == (prompt, choices, label, prompts)
+    # the pair trained on and the rows scored follow each choice's own prompt
+    assert data.training_pairs([ex]) == [(ex.prompt_for(label), " " + choices[label])]
+    (batch,) = data.choice_batches([ex], tok, batch_size=len(choices), max_length=64)
+    for c in range(len(choices)):
+        row = batch["input_ids"][c][batch["attention_mask"][c] == 1]
+        assert tok.decode(row) == ex.prompt_for(c) + " " + choices[c]
+    assert data.load_task(task, path=path)[0].prompt != prompt  # the thesis' PromptSource rendering differs
+
+
+def test_unknown_template_is_refused_by_name():
+    with pytest.raises(ValueError, match="unknown template 'helm'; templates: promptsource, harness"):
+        data.load_task("piqa", path=data.sample_path("piqa", "train"), template="helm")
