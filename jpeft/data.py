@@ -522,3 +522,62 @@ def choice_batches(examples: Sequence[Example], tokenizer, *, batch_size: int, m
         meta = np.array([owners[r] for r in rows] + [(-1, -1, 0)] * fill, np.int32).reshape(-1, 3)
         batch.update(example_index=meta[:, 0], choice_index=meta[:, 1], choice_chars=meta[:, 2])
         yield batch
+
+
+def _bucket(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
+def prompt_batches(examples: Sequence[Example], tokenizer, *, batch_size: int,
+                   max_length: int) -> Iterator[dict[str, np.ndarray]]:
+    """Scoring batches that read each prompt once: one row per (example, distinct prompt), the
+    prompt left-padded (its last token at the end) and the continuations ``ANSWER_PREFIX +
+    choice`` of every choice that follows it, right-padded, beside it.
+
+    Fields: ``prompt_ids``/``prompt_mask`` (batch, P), ``choice_ids``/``choice_mask`` (batch, K,
+    C), and int32 ``example_index`` (batch,), ``choice_index`` and ``choice_chars`` (batch, K),
+    -1 / 0 where a row has fewer than K choices or is filling the last batch. P + C <= max_length
+    and the shapes are the same for every batch of the set (one compile); a prompt longer than
+    P = max_length - C keeps its last P tokens, and a choice that cannot fit ``max_length``
+    with one prompt token is a DataError naming it.
+    """
+    pad = special_ids(tokenizer)[1]
+    groups: list[tuple[int, str, list[int]]] = []  # (example, prompt, its choices)
+    for e, ex in enumerate(examples):
+        by_prompt: dict[str, list[int]] = {}
+        for c in range(len(ex.choices)):
+            by_prompt.setdefault(ex.prompt_for(c), []).append(c)
+        groups += [(e, p, cs) for p, cs in by_prompt.items()]
+    prompts = token_ids(tokenizer, [p for _, p, _ in groups])
+    answers = token_ids(tokenizer, [ANSWER_PREFIX + ex.choices[c] for ex in examples for c in range(len(ex.choices))])
+    offsets = np.cumsum([0] + [len(ex.choices) for ex in examples])
+    answer_of = lambda e, c: answers[offsets[e] + c]  # noqa: E731
+    longest = max(len(answer_of(e, c)) for e, _, cs in groups for c in cs)
+    if longest + 1 > max_length:
+        e, c = next((e, c) for e, _, cs in groups for c in cs if len(answer_of(e, c)) == longest)
+        raise DataError(f"{examples[e].source}, choice {c}: the choice is {longest} tokens, which with a prompt "
+                        f"do not fit max_length {max_length}")
+    width = min(_bucket(longest, 8), max_length - 1)
+    plen = min(_bucket(max(len(p) for p in prompts), 16), max_length - width)
+    k = max(len(cs) for _, _, cs in groups)
+    for first in range(0, len(groups), batch_size):
+        rows = groups[first:first + batch_size]
+        batch = {"prompt_ids": np.full((batch_size, plen), pad, np.int32), "prompt_mask": np.zeros((batch_size, plen), np.int32),
+                 "choice_ids": np.full((batch_size, k, width), pad, np.int32),
+                 "choice_mask": np.zeros((batch_size, k, width), np.int32),
+                 "example_index": np.full((batch_size,), -1, np.int32), "choice_index": np.full((batch_size, k), -1, np.int32),
+                 "choice_chars": np.zeros((batch_size, k), np.int32)}
+        for b, (e, _, cs) in enumerate(rows):
+            tokens = prompts[first + b][-(plen):]  # cut on the left, as _join cuts
+            batch["prompt_ids"][b, plen - len(tokens):] = tokens
+            batch["prompt_mask"][b, plen - len(tokens):] = 1
+            batch["example_index"][b] = e
+            for j, c in enumerate(cs):
+                a = answer_of(e, c)
+                batch["choice_ids"][b, j, :len(a)] = a
+                batch["choice_mask"][b, j, :len(a)] = 1
+                batch["choice_index"][b, j] = c
+                batch["choice_chars"][b, j] = len(examples[e].choices[c])
+        for b in range(len(rows), batch_size):  # filler rows: the first row's prompt, nothing scored
+            batch["prompt_ids"][b], batch["prompt_mask"][b] = batch["prompt_ids"][0], batch["prompt_mask"][0]
+        yield batch

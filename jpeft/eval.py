@@ -34,6 +34,33 @@ def make_score_fn(model) -> Callable:
     return jax.jit(score)
 
 
+def make_cached_score_fn(model) -> Callable:
+    """A jitted ``(params, batch) -> logp_sum`` (batch, K) of a :func:`jpeft.data.prompt_batches`
+    batch: the prompt runs once into a key/value cache, and each choice's continuation runs
+    from that cache (``start=False``), so an example costs about one forward of its prompt
+    instead of one per choice. The sums equal :func:`make_score_fn`'s (tested)."""
+    from jpeft import hooks as jhooks
+    from jpeft.models import layers
+
+    def score(params, batch):
+        prompt, choices, choice_mask = batch["prompt_ids"], batch["choice_ids"], batch["choice_mask"]
+        virtual = jhooks.num_virtual_tokens(jhooks.split(params)[1])
+        cache = layers.init_cache(model, prompt.shape[0], virtual + prompt.shape[1] + choices.shape[2])
+        logits, cache = model.apply({"params": params}, prompt, batch["prompt_mask"], cache=cache, start=True)
+        first = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32))  # predicts each choice's first token
+
+        def one_choice(ids_mask):
+            ids, mask = ids_mask
+            out, _ = model.apply({"params": params}, ids, mask, cache=cache, start=False)
+            later = train.target_logprobs(out[:, :-1], ids[:, 1:])  # token t + 1 given the tokens up to t
+            head = jnp.take_along_axis(first, ids[:, :1], axis=-1)
+            return jnp.sum(jnp.concatenate([head, later], axis=1) * mask, axis=-1)
+
+        return jax.lax.map(one_choice, (jnp.swapaxes(choices, 0, 1), jnp.swapaxes(choice_mask, 0, 1))).T
+
+    return jax.jit(score)
+
+
 def evaluate(
     model,
     params: PyTree,
@@ -43,24 +70,38 @@ def evaluate(
     batch_size: int = 16,
     max_length: int = 256,
     score_fn: Callable | None = None,
+    cached: bool = False,
 ) -> dict:
     """Accuracy and length-normalized accuracy of ``params`` on ``examples``.
 
     ``params`` may hold jpeft nodes (the model runs their factored path) or plain arrays.
+    ``cached``: read each prompt once and score every choice from its key/value cache
+    (:func:`make_cached_score_fn`; ``score_fn``, if given, must be one), else one row per
+    choice (:func:`make_score_fn`).
     Returns ``{"accuracy", "accuracy_norm", "n", "predictions"}`` where ``predictions``
     lists, per example, the chosen index, the label and the per-choice scores.
     """
     if not examples:
         raise ValueError("evaluate: no examples")
-    score_fn = score_fn or make_score_fn(model)
     scores = [np.full(len(ex.choices), np.nan) for ex in examples]
-    for batch in data.choice_batches(examples, tokenizer, batch_size=batch_size, max_length=max_length):
-        # host arrays: the same on every process, so a base split over several hosts takes them
-        arrays = {k: np.asarray(batch[k]) for k in ("input_ids", "attention_mask", "targets", "loss_mask")}
-        logp, _ = score_fn(params, arrays)
-        for e, c, s in zip(batch["example_index"], batch["choice_index"], sharding.host_array(logp)):
-            if e >= 0:
-                scores[e][c] = s
+    if cached:
+        score_fn = score_fn or make_cached_score_fn(model)
+        for batch in data.prompt_batches(examples, tokenizer, batch_size=batch_size, max_length=max_length):
+            arrays = {k: np.asarray(batch[k]) for k in ("prompt_ids", "prompt_mask", "choice_ids", "choice_mask")}
+            logp = sharding.host_array(score_fn(params, arrays))
+            for e, cs, row in zip(batch["example_index"], batch["choice_index"], logp):
+                for c, s in zip(cs, row):
+                    if e >= 0 and c >= 0:
+                        scores[e][c] = s
+    else:
+        score_fn = score_fn or make_score_fn(model)
+        for batch in data.choice_batches(examples, tokenizer, batch_size=batch_size, max_length=max_length):
+            # host arrays: the same on every process, so a base split over several hosts takes them
+            arrays = {k: np.asarray(batch[k]) for k in ("input_ids", "attention_mask", "targets", "loss_mask")}
+            logp, _ = score_fn(params, arrays)
+            for e, c, s in zip(batch["example_index"], batch["choice_index"], sharding.host_array(logp)):
+                if e >= 0:
+                    scores[e][c] = s
     predictions, correct, correct_norm = [], 0, 0
     for ex, s in zip(examples, scores):
         if np.isnan(s).any():

@@ -1,0 +1,58 @@
+"""Scoring each prompt once (its key/value cache serves every choice) equals one forward per choice."""
+
+import jax
+import numpy as np
+import pytest
+import transformers
+
+import jpeft
+from jpeft import data, eval as evaluation
+from jpeft.models import llama, phi
+from conftest import perturb
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return data.default_tokenizer()
+
+
+@pytest.fixture(scope="module", params=["phi", "llama"])
+def port(request):
+    if request.param == "phi":
+        return phi.init(phi.config("tiny"), jax.random.key(0))
+    cfg = transformers.LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                   tie_word_embeddings=True)
+    return llama.init(cfg, jax.random.key(0))
+
+
+# a prompt shared by the choices, and one prompt per choice (the harness' WinoGrande)
+CASES = [("arc_easy", "harness"), ("winogrande", "harness")]
+METHODS = {"base": None, "lora": dict(r=4), "prompt_tuning": dict(num_virtual_tokens=3),
+           "prefix_tuning": dict(num_virtual_tokens=3), "loreft": dict(rank=2)}
+ON_LLAMA = ("base", "prefix_tuning")  # the rest runs through the same shared layers: Phi shows it
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_cached_scores_equal_per_choice_scores(port, tok, method):
+    model, params = port
+    if isinstance(model, llama.LlamaForCausalLM) and method not in ON_LLAMA:
+        pytest.skip("the shared layers are the Phi case's; the Llama port is checked on the base and its GQA prefix")
+    if METHODS[method] is not None:
+        targets = jpeft.core.targets_for(method, None, model)
+        params = perturb(jpeft.apply(params, method, key=jax.random.key(1), **targets, **METHODS[method]),
+                         jax.random.key(2), 0.05)
+    for task, template in CASES:
+        examples = data.load_task(task, "validation", path=data.sample_path(task, "validation"), template=template)[:6]
+        results = [evaluation.evaluate(model, params, examples, tok, batch_size=4, max_length=192, cached=cached)
+                   for cached in (False, True)]
+        slow, fast = (np.concatenate([p["scores"] for p in r["predictions"]]) for r in results)
+        assert np.abs(fast - slow).max() <= 1e-4 * np.abs(slow).max(), (task, template)
+        assert results[0]["accuracy"] == results[1]["accuracy"]
+
+
+def test_a_choice_that_cannot_fit_is_refused(tok):
+    (ex,) = data.load_task("piqa", "validation", path=data.sample_path("piqa", "validation"), template="harness")[:1]
+    with pytest.raises(data.DataError, match=r"choice \d: the choice is \d+ tokens, which with a prompt do not fit "
+                                             r"max_length 4"):
+        list(data.prompt_batches([ex], tok, batch_size=2, max_length=4))
