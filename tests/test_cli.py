@@ -179,7 +179,7 @@ def test_bench_compile_only_and_bad_configs(tmp_path, capsys, monkeypatch):
         (dict(mesh="data=2,gpu=4"), "each part must be AXIS=SIZE with AXIS one of data, fsdp, tp"),
         (dict(mesh="data=2,data=2"), "names axis 'data' twice"),
         (dict(mesh="data=3", batch=16), r"batch=16 does not split over the 3 data-parallel positions"),
-        (dict(model="linen:tiny", mesh="fsdp=2,tp=2"), "a tp axis splits layers by the Phi port's names"),
+        (dict(model="linen:tiny", mesh="fsdp=2,tp=2"), "a tp axis splits layers by the ports' names"),
     ]
     for kwargs, message in bad:
         with pytest.raises((ValueError, TypeError), match=message):

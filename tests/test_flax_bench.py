@@ -37,7 +37,7 @@ def test_bench_config_accepts_flax_models_and_refuses_others():
     assert bench.BenchConfig(model="nnx:tiny").model == "nnx:tiny"
     with pytest.raises(ValueError, match=r"model must be one of .*'linen:tiny'.*got 'linen:huge'"):
         bench.BenchConfig(model="linen:huge")
-    with pytest.raises(ValueError, match=r"remat applies to the Phi port only"):
+    with pytest.raises(ValueError, match=r"remat applies to jpeft.s ports only"):
         bench.BenchConfig(model="linen:tiny", remat="dots")
     cfg = bench.BenchConfig(model="linen:tiny", methods=("lora", "oft"))
     assert bench.jobs(cfg, False, ()) == [("wrap", "lora"), ("wrap", "oft"), ("materialize", "lora"), ("qwix", "lora"), ("full", "full")]
@@ -45,7 +45,7 @@ def test_bench_config_accepts_flax_models_and_refuses_others():
     assert bench.jobs(bench.BenchConfig(model="nnx:tiny", methods=("oft",)), False, ()) == [("wrap", "oft"), ("full", "full")]
     with pytest.raises(ValueError, match=r"qwix route needs targets ending in '/kernel'.*'.\*query/bias'"):
         bench.BenchConfig(model="linen:tiny", methods=("lora",), targets=(".*query/kernel", ".*query/bias"))
-    with pytest.raises(ValueError, match=r"--peft compares with the Phi port"):
+    with pytest.raises(ValueError, match=r"--peft compares with jpeft's ports"):
         bench.jobs(cfg, True, ("eager",))
 
 

@@ -97,7 +97,8 @@ def np_block(spec, p, x, mask):
     h = np_layer_norm(x, p["input_layernorm"])
     a = p["self_attn"]
     split = lambda y: y.reshape(b, t, spec.heads, spec.head_dim)  # noqa: E731
-    q, k = (np_rotary(split(np_dense(h, a[n])), positions, spec.rotary_dim, spec.rope_theta) for n in ("q_proj", "k_proj"))
+    theta = phi.config("tiny").rope_parameters["rope_theta"]  # the reference derives the frequencies itself
+    q, k = (np_rotary(split(np_dense(h, a[n])), positions, spec.rotary_dim, theta) for n in ("q_proj", "k_proj"))
     v = split(np_dense(h, a["v_proj"]))
     allowed = np.tril(np.ones((t, t), bool))[None, None] & mask.astype(bool)[:, None, None, :]
     scores = np.where(allowed, np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(spec.head_dim), -1e30)
