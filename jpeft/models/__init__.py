@@ -6,7 +6,7 @@
 - :mod:`jpeft.models.layers`: what the ports share.
 
 :func:`family` tells which port serves a model name or path; :data:`NAMED_CONFIGS` lists the
-configurations known offline (random weights, real shapes), :data:`REAL_MODELS` the real
+configurations known offline (random weights, real shapes), ``download.MODELS`` the real
 pretrained models jpeft fetches itself (:func:`fetch`).
 """
 
