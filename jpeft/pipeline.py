@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from jpeft import checkpoint, core, data, eval as evaluation, peft_format, sharding, train
 from jpeft import models
-from jpeft.models import download, layers, llama
+from jpeft.models import layers, llama
 
 PyTree = Any
 
@@ -54,7 +54,7 @@ def load_model(name_or_path: str, dtype, param_dtype=None, seed: int = 0, quanti
     with ``quantize``."""
     from jpeft import quantized
 
-    if name_or_path in download.MODELS or str(name_or_path).endswith(".gguf"):
+    if llama.reads_gguf(name_or_path):
         model, params = llama.from_pretrained(name_or_path, dtype=dtype, param_dtype=param_dtype, quantize=quantize)
         return model, params, llama.hf_config(name_or_path)
     if name_or_path in models.NAMED_CONFIGS:
@@ -74,7 +74,7 @@ def load_tokenizer(cfg: RunConfig):
     name = cfg.tokenizer or cfg.model
     if cfg.tokenizer is None and cfg.model in models.NAMED_CONFIGS:
         return data.default_tokenizer()
-    if name in download.MODELS or str(name).endswith(".gguf"):
+    if llama.reads_gguf(name):
         tok = llama.tokenizer(name)
     else:
         from transformers import AutoTokenizer

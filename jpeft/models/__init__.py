@@ -31,7 +31,7 @@ def family(name_or_path: str | os.PathLike) -> ModuleType:
     text = os.fspath(name_or_path)
     if text in NAMED_CONFIGS:
         return NAMED_CONFIGS[text]
-    if text in download.MODELS or text.endswith(".gguf"):
+    if llama.reads_gguf(text):
         return llama
     model_type = layers.read_config(text).get("model_type")
     if model_type not in MODEL_TYPES:

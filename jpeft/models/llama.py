@@ -204,12 +204,18 @@ def init(cfg: PretrainedConfig | dict | str, key: Array, dtype: DType = jnp.floa
 # --------------------------------------------------------------- Hugging Face I/O
 
 
+def reads_gguf(path_or_name: str | os.PathLike) -> bool:
+    """Whether a name or path stands for a GGUF file: a named real model or a ``.gguf`` path."""
+    text = os.fspath(path_or_name)
+    return text in download.MODELS or text.endswith(".gguf")
+
+
 def _gguf_path(path_or_name: str | os.PathLike) -> str | None:
     """The GGUF file a name or path stands for (fetched for a named real model), else None."""
+    if not reads_gguf(path_or_name):
+        return None
     text = os.fspath(path_or_name)
-    if text in download.MODELS:
-        return os.fspath(download.fetch(text))
-    return text if text.endswith(".gguf") else None
+    return os.fspath(download.fetch(text)) if text in download.MODELS else text
 
 
 def hf_config(path_or_name: str | os.PathLike) -> PretrainedConfig:
