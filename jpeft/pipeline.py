@@ -72,10 +72,10 @@ def load_tokenizer(cfg: RunConfig):
     else for a named configuration with random weights the bundled one; a missing pad token
     is the EOS token."""
     name = cfg.tokenizer or cfg.model
-    if cfg.tokenizer is None and cfg.model in models.NAMED_CONFIGS:
-        return data.default_tokenizer()
-    if llama.reads_gguf(name):
+    if llama.reads_gguf(name):  # first: smollm2-135m is also the name of its shapes
         tok = llama.tokenizer(name)
+    elif cfg.tokenizer is None and cfg.model in models.NAMED_CONFIGS:
+        return data.default_tokenizer()
     else:
         from transformers import AutoTokenizer
 

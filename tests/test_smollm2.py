@@ -62,3 +62,12 @@ def test_greedy_chat_completion_is_transformers(real):
     np.testing.assert_array_equal(ours[: len(ref)], ref)
     answer = tok.decode(ours[len(prompt):], skip_special_tokens=True)
     assert answer.startswith("The capital of France is Paris"), answer
+
+
+def test_runs_on_the_real_model_get_its_own_tokenizer(real):
+    """``smollm2-135m`` names both the real model and its shapes: a run takes the model's
+    tokenizer, not the bundled one of the random-weight configurations."""
+    from jpeft import pipeline
+
+    tok = pipeline.load_tokenizer(pipeline.RunConfig(model="smollm2-135m"))
+    assert len(tok) == 49152 and tok.eos_token == "<|im_end|>"
