@@ -55,7 +55,7 @@ PromptSource target follows the prompt after one space). LLM-Adapters records
 (``commonsense_170k.json``) render with the Alpaca prompts :data:`ALPACA` /
 :data:`ALPACA_INPUT` and their ``output`` is appended verbatim.
 
-Batches are dicts of numpy arrays of shape (batch, max_length), right-padded with the pad id
+Batches are dicts of numpy arrays of shape (batch, width) (:attr:`EncodedPairs.width`: the set's longest sequence, not ``max_length``), right-padded with the pad id
 (EOS where the tokenizer has none): ``input_ids``, ``attention_mask`` (int32), ``targets``
 (int32, ``targets[:, t] = input_ids[:, t + 1]``, last column and padding = pad id) and
 ``loss_mask`` (float32, aligned with ``targets``: 1 exactly where the target is an answer token
@@ -65,6 +65,7 @@ or the EOS closing it).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -445,6 +446,13 @@ class EncodedPairs:
     def __len__(self) -> int:
         return len(self.sequences)
 
+    @functools.cached_property
+    def width(self) -> int:
+        """The padded length of every batch: the longest sequence rounded up to a multiple of
+        8, at most ``max_length``. One shape for the whole set (one compile), and no step pays
+        for the padding up to a ``max_length`` no sequence reaches."""
+        return min(self.max_length, _bucket(max(map(len, self.sequences), default=1), 8))
+
 
 def _join(prompt: list[int], answer: list[int], max_length: int, where: str) -> tuple[tuple[int, ...], int]:
     """Prompt + answer, cutting the prompt on the left to fit; at least one prompt token stays
@@ -470,7 +478,7 @@ def encode_pairs(pairs: Sequence[tuple[str, str]], tokenizer, max_length: int, *
 
 def collate(encoded: EncodedPairs, rows: Sequence[int]) -> dict[str, np.ndarray]:
     """The right-padded batch of the given rows (fields: see the module docstring)."""
-    n, length = len(rows), encoded.max_length
+    n, length = len(rows), encoded.width
     ids = np.full((n, length), encoded.pad_id, np.int32)
     attention = np.zeros((n, length), np.int32)
     loss_mask = np.zeros((n, length), np.float32)

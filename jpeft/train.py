@@ -27,7 +27,7 @@ import optax
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from jpeft import checkpoint, core, data, optim, sharding
+from jpeft import checkpoint, core, counter_rng, data, optim, sharding
 
 PyTree = Any
 Array = jax.Array
@@ -137,7 +137,7 @@ class TrainState(NamedTuple):
     step: Array
     trainable: PyTree
     opt_state: PyTree
-    rng: Array  # raw uint32 key data, so checkpoints store plain arrays
+    rng: Array  # raw uint32 data of a jpeft.counter_rng key, so checkpoints store plain arrays
     hooks: PyTree = ()  # {method: state} of the methods with training hooks (AdaLoRA's importance)
 
 
@@ -155,7 +155,7 @@ def init_state(trainable: PyTree, tx: optax.GradientTransformation, seed: int, h
     caller's arrays must survive it. ``hooks`` (:func:`method_hooks`) add their states."""
     trainable = jax.tree_util.tree_map(lambda x: x.copy(), trainable)
     hook_states = {name: h.init(trainable) for name, h in (hooks or {}).items()}
-    return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable), jax.random.key_data(jax.random.key(seed)),
+    return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable), jax.random.key_data(counter_rng.key(seed)),
                       hook_states)
 
 
@@ -240,7 +240,7 @@ def make_train_step(loss: Callable, tx: optax.GradientTransformation, grad_accum
         return sum((h.regularizer(trainable) for h in hooks.values()), jnp.zeros((), jnp.float32))
 
     def step(state: TrainState, frozen: PyTree, batch: dict) -> tuple[TrainState, dict]:
-        base_key = jax.random.wrap_key_data(state.rng)
+        base_key = counter_rng.wrap(state.rng)  # cheap dropout masks (jpeft.counter_rng)
         micro = jax.tree_util.tree_map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
 
         def objective(trainable, mb, key):

@@ -204,6 +204,14 @@ def test_training_batches_mask_exactly_the_answer_and_eos(tok):
         check_batch(batch, order[8 * step : 8 * step + 8].tolist(), tok, pairs, encoded)
 
 
+def test_batches_pad_to_the_longest_sequence_not_to_max_length(tok):
+    encoded = data.encode_pairs(data.training_pairs(train("piqa")), tok, 512)
+    longest = max(map(len, encoded.sequences))
+    assert longest < 500 and encoded.width == -(-longest // 8) * 8
+    assert next(data.batches(encoded, batch_size=2, seed=0))["input_ids"].shape == (2, encoded.width)
+    assert data.encode_pairs(data.training_pairs(train("piqa")), tok, longest - 3).width == longest - 3  # capped
+
+
 def test_instruction_targets_are_verbatim(tok):
     pairs = data.load_instructions(data.ASSETS / "sample_data" / "commonsense_mini.json", limit=4)
     batch = data.collate(data.encode_pairs(pairs, tok, 256), [0])
@@ -262,7 +270,9 @@ def test_choice_batches_mask_exactly_the_choices_and_pad_the_last_batch(tok):
     examples = train("arc_challenge")[:3] + train("boolq")[:2] + train("winogrande")[:1]
     batches = list(data.choice_batches(examples, tok, batch_size=4, max_length=128))
     rows = [(b, i) for b in batches for i in range(4)]
-    assert len(batches) == 5 and all(b["input_ids"].shape == (4, 128) for b in batches)
+    # one shape for every batch: the longest row rounded up to a multiple of 8, not max_length
+    longest = max(int(b["attention_mask"].sum(1).max()) for b in batches)
+    assert len(batches) == 5 and {b["input_ids"].shape for b in batches} == {(4, -(-longest // 8) * 8)}
     assert all(b[k].dtype == np.int32 for b in batches for k in ("example_index", "choice_index", "choice_chars"))
     seen = []
     for b, i in rows:

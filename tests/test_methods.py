@@ -117,6 +117,26 @@ def test_lora_dropout_only_in_training():
         jpeft.linear(x, node, path="fast")
 
 
+def test_training_keys_draw_independent_bernoulli_masks():
+    """The train step's keys (jpeft.counter_rng): each mask keeps a fraction within 4 standard
+    errors of its rate, and masks from folded-in keys (two layers, two steps) are uncorrelated."""
+    from jpeft import counter_rng
+
+    key, n, keep = counter_rng.key(3), 200_000, 0.95
+    masks = [jax.random.bernoulli(jax.random.fold_in(key, i), keep, (n,)) for i in range(4)]
+    masks.append(jax.random.bernoulli(jax.random.split(key)[1], keep, (n,)))
+    se = np.sqrt(keep * (1 - keep) / n)
+    for m in masks:
+        assert abs(float(m.mean()) - keep) < 4 * se
+    m = np.array(masks, np.float64)
+    corr = np.corrcoef(m)[np.triu_indices(len(masks), 1)]
+    assert np.abs(corr).max() < 4 / np.sqrt(n)
+    bits = np.asarray(jax.random.bits(key, (n,), jnp.uint32))
+    assert np.unique(bits).size > 0.99 * n  # a counter hash: no short cycles
+    # the key data has threefry's shape: a checkpointed TrainState.rng reads the same
+    assert jax.random.key_data(key).shape == jax.random.key_data(jax.random.key(3)).shape == (2,)
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("shape", [(512, 2048), (2048, 512)])
 def test_non_square_phi_mlp_shapes(method, shape):
