@@ -1,4 +1,4 @@
-"""The ``jpeft`` command line: ``count``, ``demo`` (more subcommands join as they land)."""
+"""The ``jpeft`` command line: ``count``, ``demo``, ``train``, ``eval``, ``export`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -102,42 +102,52 @@ def cmd_count(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    """Offline demo: every method on a tiny Phi, one short fine-tuning run, the Phi-1.5 table."""
+    """SmolLM2-135M on held-out ARC-Easy before and after LoRA (``--quick``: the offline
+    check of every method on a tiny random Phi), then the Phi-1.5 count table."""
     import tempfile
 
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}")
+    run_dir = args.run_dir or tempfile.mkdtemp(prefix="jpeft-demo-")
+    if args.quick:
+        quick_demo(args.method, args.steps or 300, run_dir)
+    else:
+        from jpeft import demo
+
+        demo.run(run_dir, steps=args.steps or 64)
+    print("\nPhi-1.5 parameter counts (Q/K/V targets, thesis hyper-parameters), from shapes only:\n")
+    print_counts("phi-1.5", ALL_METHODS)
+
+
+def quick_demo(method: str, steps: int, run_dir: str) -> None:
+    """Offline, in seconds: every method on a tiny Phi, one short run on the bundled samples."""
     import jpeft
     from jpeft import core, pipeline
 
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}\n")
     model, params = phi.init(phi.config("tiny"), jax.random.key(0))
     ids = jax.random.randint(jax.random.key(1), (2, 16), 0, model.spec.vocab_size)
     reference = model.apply({"params": params}, ids)
-    print("1. Every method on a tiny Phi (Q/K/V targets, or the hook points of the methods that add computation); logits at init, then after a random update:")
-    for method in DEMO_METHODS:
-        adapted = jpeft.apply(params, method, key=jax.random.key(2), **core.targets_for(method, None, model))
+    print("\n1. Every method on a tiny Phi (Q/K/V targets, or the hook points of the methods that add computation); logits at init, then after a random update:")
+    for m in DEMO_METHODS:
+        adapted = jpeft.apply(params, m, key=jax.random.key(2), **core.targets_for(m, None, model))
         start = float(jnp.abs(model.apply({"params": jpeft.materialize(adapted)}, ids) - reference).max())
         trainable, frozen = jpeft.partition(adapted)
         adapted = jpeft.combine(jax.tree_util.tree_map(lambda x: x + 0.01, trainable), frozen)
         gap = float(jnp.abs(model.apply({"params": adapted}, ids) - model.apply({"params": jpeft.materialize(adapted)}, ids)).max())
-        print(f"   {method:13s} trainable {jpeft.count_params(adapted)['trainable']:>7,}   "
+        print(f"   {m:13s} trainable {jpeft.count_params(adapted)['trainable']:>7,}   "
               f"|init - base| {start:.1e}   |factored - merged| {gap:.1e}")
 
-    print(f"\n2. Fine-tuning {args.method} for {args.steps} steps on the bundled samples of all seven tasks "
+    print(f"\n2. Fine-tuning {method} for {steps} steps on the bundled samples of all seven tasks "
           "(tiny random-weight Phi, locally trained tokenizer):")
     cfg = pipeline.RunConfig(
-        model="tiny", method=args.method, tasks=pipeline.parse_tasks(["all"]),
-        targets=None if core.get_method(args.method).scope == "model" else (r".*/kernel",),
+        model="tiny", method=method, tasks=pipeline.parse_tasks(["all"]),
+        targets=None if core.get_method(method).scope == "model" else (r".*/kernel",),
         train=train.TrainConfig(learning_rate=3e-3, warmup_steps=20, batch_size=8, max_length=160, compute_dtype="float32"),
     )
-    run_dir = args.run_dir or tempfile.mkdtemp(prefix="jpeft-demo-")
-    summary = pipeline.finetune(cfg, run_dir, max_steps=args.steps, log_every=max(1, args.steps // 10), checkpoint_every=args.steps)
+    summary = pipeline.finetune(cfg, run_dir, max_steps=steps, log_every=max(1, steps // 10), checkpoint_every=steps)
     log = summary["log"]
     print(f"   loss {log[0]['loss']:.3f} (step {log[0]['step']}) -> {log[-1]['loss']:.3f} (step {log[-1]['step']}); run directory {run_dir}")
     for task, r in summary["results"].items():
         print(f"   {task:14s} validation accuracy {r['accuracy']:.3f} (n={r['n']}; a random-weight model: chance level)")
-
-    print("\n3. Phi-1.5 parameter counts (Q/K/V targets, thesis hyper-parameters), from shapes only:\n")
-    print_counts("phi-1.5", ALL_METHODS)
 
 
 def cmd_bench(args) -> None:
@@ -178,8 +188,10 @@ def _run_config(args):
     return pipeline.RunConfig(
         model=args.model, method=args.method, hparams=hparams, targets=tuple(args.targets) if args.targets else None,
         also_train=tuple(args.also_train) if args.also_train else None,
-        tasks=pipeline.parse_tasks(args.tasks), template=args.template, data_dir=args.data_dir, instructions=getattr(args, "instructions", None),
-        tokenizer=args.tokenizer, eval_split=args.split, limit=args.limit, seed=args.seed, quantize=args.quantize,
+        tasks=pipeline.parse_tasks(args.tasks if args.tasks is not None else [] if args.eval_instructions else ["piqa"]),
+        template=args.template, data_dir=args.data_dir, instructions=getattr(args, "instructions", None),
+        tokenizer=args.tokenizer, eval_split=args.split, holdout=args.holdout,
+        eval_instructions=tuple(args.eval_instructions or ()), limit=args.limit, seed=args.seed, quantize=args.quantize,
         mesh=getattr(args, "mesh", None), train=tcfg,
     )
 
@@ -210,17 +222,20 @@ def cmd_train(args) -> None:
                                 checkpoint_every=args.checkpoint_every, log_every=args.log_every, merged_out=args.merged_out,
                                 peft_out=args.peft_out)
     print(f"trainable parameters: {summary['trainable']:,}; final loss: {summary['final_loss']}")
-    for task, r in summary.get("results", {}).items():
-        print(f"  {task:14s} accuracy {r['accuracy']:.3f}  length-normalized {r['accuracy_norm']:.3f}  (n={r['n']})")
+    print_results(summary.get("results", {}))
+
+
+def print_results(results: dict[str, dict]) -> None:
+    for name, r in results.items():
+        generated = f"  generated {r['accuracy_generate']:.3f}" if "accuracy_generate" in r else ""
+        print(f"  {name:14s} accuracy {r['accuracy']:.3f}  length-normalized {r['accuracy_norm']:.3f}{generated}  (n={r['n']})")
 
 
 def cmd_eval(args) -> None:
     from jpeft import pipeline
 
     cfg = _run_config(args)
-    results = pipeline.zero_shot(cfg, args.run_dir, adapter=args.adapter, peft_adapter=args.peft_adapter)
-    for task, r in results.items():
-        print(f"  {task:14s} accuracy {r['accuracy']:.3f}  length-normalized {r['accuracy_norm']:.3f}  (n={r['n']})")
+    print_results(pipeline.zero_shot(cfg, args.run_dir, adapter=args.adapter, peft_adapter=args.peft_adapter))
 
 
 def cmd_export(args) -> None:
@@ -245,13 +260,18 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", nargs="+", default=None, help="target regexes (default: Q/K/V)")
     p.add_argument("--also-train", nargs="+", default=None, metavar="REGEX",
                    help="further leaves to train fully, e.g. '.*final_layernorm/.*' (PEFT's modules_to_save)")
-    p.add_argument("--tasks", nargs="+", default=["piqa"], help="task names or 'all'")
+    p.add_argument("--tasks", nargs="+", default=None, help="task names or 'all' (default: piqa, none with --eval-instructions)")
     p.add_argument("--template", default="promptsource", choices=data.TEMPLATE_SETS,
                    help="the tasks' prompts and choices: promptsource (the thesis' PromptSource templates) or harness "
                         "(lm-evaluation-harness', e.g. 'Question: ...\nAnswer:' + ' <answer text>' for ARC)")
     p.add_argument("--data-dir", default=None, help="{task}/{split}.jsonl|json|parquet in HF schemas (default: bundled samples)")
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--split", default="validation", help="evaluation split")
+    p.add_argument("--holdout", type=int, default=None, metavar="N",
+                   help="evaluate on N records held out of each task's train split (a fixed permutation), train on the rest")
+    p.add_argument("--eval-instructions", nargs="+", default=None, metavar="FILE",
+                   help="LLM-Adapters files to evaluate on: accuracy by the likelihood of 'the correct answer is <choice>' "
+                        "and accuracy_generate by greedy generation; written to RUN/results/<file stem>.json")
     p.add_argument("--limit", type=int, default=None, help="use at most this many records per file")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--warmup-steps", type=int, default=100)
@@ -370,9 +390,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="runs/bench", help="output directory for JSON, markdown and PNG")
     bench.set_defaults(func=cmd_bench)
 
-    demo = sub.add_parser("demo", formatter_class=fmt, help="offline demo: every method, a short fine-tuning run, the Phi-1.5 count table")
-    demo.add_argument("--method", default="lora")
-    demo.add_argument("--steps", type=int, default=300)
+    demo = sub.add_parser("demo", formatter_class=fmt,
+                          help="SmolLM2-135M on held-out ARC-Easy, zero-shot and after LoRA (about 10 minutes on 2 CPU "
+                               "cores; fetches the model once), then the Phi-1.5 count table")
+    demo.add_argument("--quick", action="store_true",
+                      help="offline, in seconds: every method on a tiny random Phi and a short run on bundled samples")
+    demo.add_argument("--method", default="lora", help="the method of --quick's run")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: 64, or 300 with --quick)")
     demo.add_argument("--run-dir", default=None)
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -55,7 +55,7 @@ PromptSource target follows the prompt after one space). LLM-Adapters records
 (``commonsense_170k.json``) render with the Alpaca prompts :data:`ALPACA` /
 :data:`ALPACA_INPUT` and their ``output`` is appended verbatim.
 
-Batches are dicts of numpy arrays of shape (batch, width) (:attr:`EncodedPairs.width`: the set's longest sequence, not ``max_length``), right-padded with the pad id
+Batches are dicts of numpy arrays of shape (batch, width) (width: the batch's longest sequence rounded up to :data:`PAD_MULTIPLE`, at most ``max_length``), right-padded with the pad id
 (EOS where the tokenizer has none): ``input_ids``, ``attention_mask`` (int32), ``targets``
 (int32, ``targets[:, t] = input_ids[:, t + 1]``, last column and padding = pad id) and
 ``loss_mask`` (float32, aligned with ``targets``: 1 exactly where the target is an answer token
@@ -65,10 +65,11 @@ or the EOS closing it).
 from __future__ import annotations
 
 import dataclasses
-import functools
+import gzip
 import json
 import os
 import pathlib
+import re
 import string
 from typing import Callable, Iterator, Sequence
 
@@ -116,10 +117,12 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One rendered record: the model scores ``prompt + ANSWER_PREFIX + choice`` per choice.
+    """One rendered record: the model scores ``prompt + answer_prefix + choice`` per choice.
 
     ``prompts``, where given, is one prompt per choice instead (lm-evaluation-harness'
-    WinoGrande: the option fills the blank in the context, the rest of the sentence is scored)."""
+    WinoGrande: the option fills the blank in the context, the rest of the sentence is scored).
+    ``answer_prefix`` is :data:`ANSWER_PREFIX` for the tasks' templates and empty for
+    LLM-Adapters records, whose Alpaca prompt ends in a newline."""
 
     prompt: str
     choices: tuple[str, ...]
@@ -127,6 +130,7 @@ class Example:
     task: str
     source: str  # "file:record_index"
     prompts: tuple[str, ...] | None = None
+    answer_prefix: str = ANSWER_PREFIX
 
     def prompt_for(self, choice: int) -> str:
         """The prompt that choice ``choice`` follows."""
@@ -298,7 +302,8 @@ def _json_lines(text: str, path: str) -> list:
 
 def read_records(path: PathLike) -> list[dict]:
     """The records of one file: ``.jsonl``, ``.json`` (an array, ``{"data": [...]}`` or JSON
-    lines) or ``.parquet``. An empty file or a record that is not an object is a DataError."""
+    lines), either gzip-compressed (``.gz``), or ``.parquet``. An empty file or a record that
+    is not an object is a DataError."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(path)
@@ -306,10 +311,11 @@ def read_records(path: PathLike) -> list[dict]:
         import pyarrow.parquet as pq
 
         records = pq.read_table(path).to_pylist()
-    elif path.endswith((".json", ".jsonl")):
-        text = pathlib.Path(path).read_text(encoding="utf-8")
+    elif path.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")):
+        raw = pathlib.Path(path).read_bytes()
+        text = (gzip.decompress(raw) if path.endswith(".gz") else raw).decode("utf-8")
         try:
-            records = json.loads(text) if path.endswith(".json") else _json_lines(text, path)
+            records = json.loads(text) if path.endswith((".json", ".json.gz")) else _json_lines(text, path)
         except json.JSONDecodeError:  # a .json file holding JSON lines (or nothing), as `datasets` accepts
             records = _json_lines(text, path)
         if isinstance(records, dict):
@@ -317,7 +323,7 @@ def read_records(path: PathLike) -> list[dict]:
                 raise DataError(f"{path}: a JSON object file needs a 'data' list of records")
             records = records["data"]
     else:
-        raise DataError(f"{path}: unsupported file type (use .jsonl, .json or .parquet)")
+        raise DataError(f"{path}: unsupported file type (use .jsonl, .json, either with .gz, or .parquet)")
     if not records:
         raise DataError(f"{path}: the file holds no records")
     for i, r in enumerate(records):
@@ -373,25 +379,84 @@ def sample_path(task: str, split: str) -> pathlib.Path:
     return ASSETS / "sample_data" / task / f"{split}.jsonl"
 
 
+FORMAT_LINE = re.compile(r"Answer format:\s*(\S.*?)\s*$", re.MULTILINE)
+"""The line of an LLM-Adapters instruction that lists its answers: ``Answer format: a/b/...``."""
+ANSWER_TEMPLATE = "the correct answer is {}"
+"""An LLM-Adapters response (the ``output`` its training records teach)."""
+
+
+def _instruction_prompt(r: dict, where: str) -> str:
+    instruction, text = _text(r, "instruction", where), r.get("input") or ""
+    if not isinstance(text, str):
+        raise DataError(f"{where}: field 'input' = {text!r} is not a string")
+    return ALPACA_INPUT.format(instruction=instruction, input=text) if text else ALPACA.format(instruction=instruction)
+
+
 def load_instructions(path: PathLike, limit: int | None = None) -> list[tuple[str, str]]:
     """(prompt, target) pairs of an LLM-Adapters file (``commonsense_170k.json`` records with
     instruction, input, output, answer): the Alpaca prompt, and ``output`` as the target."""
     pairs = []
     for i, r in enumerate(read_records(path)[:limit]):
         where = f"{os.fspath(path)}: record {i}"
-        instruction, output = _text(r, "instruction", where), _text(r, "output", where)
+        output = _text(r, "output", where)
         _text(r, "answer", where)
-        text = r.get("input") or ""
-        if not isinstance(text, str):
-            raise DataError(f"{where}: field 'input' = {text!r} is not a string")
-        prompt = ALPACA_INPUT.format(instruction=instruction, input=text) if text else ALPACA.format(instruction=instruction)
-        pairs.append((prompt, output))
+        pairs.append((_instruction_prompt(r, where), output))
     return pairs
 
 
+def load_instruction_examples(path: PathLike, limit: int | None = None) -> list[Example]:
+    """An LLM-Adapters file as multiple-choice examples (Hu et al., 2023, "LLM-Adapters").
+
+    The choices are the answers of the instruction's ``Answer format: a/b/...`` line
+    (answer1…answer5, true/false, solution1/2, option1/2, ending1…4), each scored as the
+    response ``"the correct answer is <choice>"`` right after the Alpaca prompt; the label is
+    the record's ``answer``. A record without a format line, or whose answer is not among its
+    choices, is a DataError naming the file, the record and the field.
+    """
+    examples = []
+    name = pathlib.Path(path).stem
+    for i, r in enumerate(read_records(path)[:limit]):
+        where = f"{os.fspath(path)}: record {i}"
+        found = FORMAT_LINE.findall(_text(r, "instruction", where))
+        if not found:
+            raise DataError(f"{where}: field 'instruction' has no 'Answer format: a/b/...' line")
+        answers = tuple(a.strip() for a in found[-1].split("/"))
+        if len(answers) < 2 or not all(answers):
+            raise DataError(f"{where}: field 'instruction': the answer format {found[-1]!r} lists fewer than two answers")
+        answer = _text(r, "answer", where).strip()
+        if answer not in answers:
+            raise DataError(f"{where}: field 'answer' = {answer!r} is not one of the format's {list(answers)}")
+        examples.append(Example(_instruction_prompt(r, where), tuple(ANSWER_TEMPLATE.format(a) for a in answers),
+                                answers.index(answer), name, f"{os.fspath(path)}:{i}", answer_prefix=""))
+    if not examples:
+        raise DataError(f"{os.fspath(path)}: no records")
+    return examples
+
+
+def extract_answer(text: str, choices: Sequence[str]) -> str | None:
+    """The first of ``choices`` that ``text`` names, as LLM-Adapters' evaluation reads a
+    generated response (``re.findall`` of the task's answer words, the first match), or None."""
+    found = re.search("|".join(re.escape(c) for c in sorted(choices, key=len, reverse=True)), text)
+    return found.group(0) if found else None
+
+
+HOLDOUT_SEED = 20241202
+"""The seed of :func:`holdout`'s permutation: fixed, so every run holds out the same records."""
+
+
+def holdout(examples: Sequence[Example], n: int) -> tuple[list[Example], list[Example]]:
+    """``(rest, held_out)``: ``n`` examples drawn by a permutation seeded with
+    :data:`HOLDOUT_SEED` (in their original order), and the others, never to be trained on.
+    For sets without a validation split (the LLM-Adapters training files)."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 < n < len(examples):
+        raise ValueError(f"holdout must be an integer in [1, {len(examples) - 1}] for {len(examples)} examples, got {n!r}")
+    held = set(np.random.default_rng(HOLDOUT_SEED).permutation(len(examples))[:n].tolist())
+    return ([ex for i, ex in enumerate(examples) if i not in held], [ex for i, ex in enumerate(examples) if i in held])
+
+
 def training_pairs(examples: Sequence[Example]) -> list[tuple[str, str]]:
-    """(prompt, ``ANSWER_PREFIX`` + correct choice) per example, for :func:`encode_pairs`."""
-    return [(ex.prompt_for(ex.label), ANSWER_PREFIX + ex.choices[ex.label]) for ex in examples]
+    """(prompt, answer prefix + correct choice) per example, for :func:`encode_pairs`."""
+    return [(ex.prompt_for(ex.label), ex.answer_prefix + ex.choices[ex.label]) for ex in examples]
 
 
 # ---------------------------------------------------------------------- tokenizing
@@ -446,13 +511,6 @@ class EncodedPairs:
     def __len__(self) -> int:
         return len(self.sequences)
 
-    @functools.cached_property
-    def width(self) -> int:
-        """The padded length of every batch: the longest sequence rounded up to a multiple of
-        8, at most ``max_length``. One shape for the whole set (one compile), and no step pays
-        for the padding up to a ``max_length`` no sequence reaches."""
-        return min(self.max_length, _bucket(max(map(len, self.sequences), default=1), 8))
-
 
 def _join(prompt: list[int], answer: list[int], max_length: int, where: str) -> tuple[tuple[int, ...], int]:
     """Prompt + answer, cutting the prompt on the left to fit; at least one prompt token stays
@@ -476,9 +534,17 @@ def encode_pairs(pairs: Sequence[tuple[str, str]], tokenizer, max_length: int, *
     return EncodedPairs(tuple(s for s, _ in joined), tuple(k for _, k in joined), max_length, pad)
 
 
+PAD_MULTIPLE = 32
+"""A batch is padded to its longest sequence rounded up to a multiple of this (at most
+``max_length``): a few shapes (each compiles the step once), and no step pays for padding up
+to a ``max_length`` its rows do not reach."""
+
+
 def collate(encoded: EncodedPairs, rows: Sequence[int]) -> dict[str, np.ndarray]:
-    """The right-padded batch of the given rows (fields: see the module docstring)."""
-    n, length = len(rows), encoded.width
+    """The right-padded batch of the given rows (fields: see the module docstring), its
+    width :data:`PAD_MULTIPLE`-rounded."""
+    n = len(rows)
+    length = min(encoded.max_length, _bucket(max(len(encoded.sequences[r]) for r in rows), PAD_MULTIPLE))
     ids = np.full((n, length), encoded.pad_id, np.int32)
     attention = np.zeros((n, length), np.int32)
     loss_mask = np.zeros((n, length), np.float32)
@@ -518,7 +584,7 @@ def choice_batches(examples: Sequence[Example], tokenizer, *, batch_size: int, m
     pad = special_ids(tokenizer)[1]
     owners = [(e, c, len(choice)) for e, ex in enumerate(examples) for c, choice in enumerate(ex.choices)]
     prompts = token_ids(tokenizer, [examples[e].prompt_for(c) for e, c, _ in owners])
-    answers = token_ids(tokenizer, [ANSWER_PREFIX + examples[e].choices[c] for e, c, _ in owners])
+    answers = token_ids(tokenizer, [examples[e].answer_prefix + examples[e].choices[c] for e, c, _ in owners])
     joined = [_join(p, a, max_length, f"{examples[e].source}, choice {c}")
               for (e, c, _), p, a in zip(owners, prompts, answers)]
     encoded = EncodedPairs(tuple(s for s, _ in joined), tuple(k for _, k in joined), max_length, pad)
@@ -544,10 +610,12 @@ def prompt_batches(examples: Sequence[Example], tokenizer, *, batch_size: int,
 
     Fields: ``prompt_ids``/``prompt_mask`` (batch, P), ``choice_ids``/``choice_mask`` (batch, K,
     C), and int32 ``example_index`` (batch,), ``choice_index`` and ``choice_chars`` (batch, K),
-    -1 / 0 where a row has fewer than K choices or is filling the last batch. P + C <= max_length
-    and the shapes are the same for every batch of the set (one compile); a prompt longer than
-    P = max_length - C keeps its last P tokens, and a choice that cannot fit ``max_length``
-    with one prompt token is a DataError naming it.
+    -1 / 0 where a row has fewer than K choices or is filling the last batch. K and C are the
+    set's; rows go in order of prompt length and P is each batch's longest prompt rounded up to
+    a multiple of 32 (a few shapes, so a few compiles, and short prompts are not padded to
+    the longest of the set). P + C <= max_length: a prompt longer than max_length - C keeps
+    its last tokens, and a choice that cannot fit ``max_length`` with one prompt token is a
+    DataError naming it.
     """
     pad = special_ids(tokenizer)[1]
     groups: list[tuple[int, str, list[int]]] = []  # (example, prompt, its choices)
@@ -557,7 +625,7 @@ def prompt_batches(examples: Sequence[Example], tokenizer, *, batch_size: int,
             by_prompt.setdefault(ex.prompt_for(c), []).append(c)
         groups += [(e, p, cs) for p, cs in by_prompt.items()]
     prompts = token_ids(tokenizer, [p for _, p, _ in groups])
-    answers = token_ids(tokenizer, [ANSWER_PREFIX + ex.choices[c] for ex in examples for c in range(len(ex.choices))])
+    answers = token_ids(tokenizer, [ex.answer_prefix + ex.choices[c] for ex in examples for c in range(len(ex.choices))])
     offsets = np.cumsum([0] + [len(ex.choices) for ex in examples])
     answer_of = lambda e, c: answers[offsets[e] + c]  # noqa: E731
     longest = max(len(answer_of(e, c)) for e, _, cs in groups for c in cs)
@@ -566,17 +634,19 @@ def prompt_batches(examples: Sequence[Example], tokenizer, *, batch_size: int,
         raise DataError(f"{examples[e].source}, choice {c}: the choice is {longest} tokens, which with a prompt "
                         f"do not fit max_length {max_length}")
     width = min(_bucket(longest, 8), max_length - 1)
-    plen = min(_bucket(max(len(p) for p in prompts), 16), max_length - width)
     k = max(len(cs) for _, _, cs in groups)
+    order = sorted(range(len(groups)), key=lambda g: len(prompts[g]))
     for first in range(0, len(groups), batch_size):
-        rows = groups[first:first + batch_size]
+        members = order[first:first + batch_size]
+        rows = [groups[g] for g in members]
+        plen = min(_bucket(max(len(prompts[g]) for g in members), PAD_MULTIPLE), max_length - width)
         batch = {"prompt_ids": np.full((batch_size, plen), pad, np.int32), "prompt_mask": np.zeros((batch_size, plen), np.int32),
                  "choice_ids": np.full((batch_size, k, width), pad, np.int32),
                  "choice_mask": np.zeros((batch_size, k, width), np.int32),
                  "example_index": np.full((batch_size,), -1, np.int32), "choice_index": np.full((batch_size, k), -1, np.int32),
                  "choice_chars": np.zeros((batch_size, k), np.int32)}
         for b, (e, _, cs) in enumerate(rows):
-            tokens = prompts[first + b][-(plen):]  # cut on the left, as _join cuts
+            tokens = prompts[members[b]][-plen:]  # cut on the left, as _join cuts
             batch["prompt_ids"][b, plen - len(tokens):] = tokens
             batch["prompt_mask"][b, plen - len(tokens):] = 1
             batch["example_index"][b] = e

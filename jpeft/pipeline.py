@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import json
 import os
+import pathlib
 from typing import Any, Sequence
 
 import jax
@@ -40,6 +41,8 @@ class RunConfig:
     instructions: str | None = None  # an LLM-Adapters json file to train on instead of the tasks' train splits
     tokenizer: str | None = None  # None: the checkpoint's tokenizer, or the bundled one for named configs
     eval_split: str = "validation"
+    holdout: int | None = None  # evaluate on this many records held out of each task's train split (jpeft.data.holdout)
+    eval_instructions: tuple[str, ...] = ()  # LLM-Adapters files to evaluate on (accuracy and accuracy_generate)
     limit: int | None = None
     seed: int = 0
     quantize: str | None = None  # QLoRA: the frozen base in nf4 / fp4 / int8 (jpeft.quantize), None: as loaded
@@ -90,15 +93,27 @@ def task_file(cfg: RunConfig, task: str, split: str):
     if cfg.data_dir is None:
         path = data.sample_path(task, split)
         return path if path.exists() else None
-    for ext in ("jsonl", "json", "parquet"):
+    for ext in ("jsonl", "json", "jsonl.gz", "json.gz", "parquet"):
         path = os.path.join(cfg.data_dir, task, f"{split}.{ext}")
         if os.path.exists(path):
             return path
     raise FileNotFoundError(f"no {split} file for {task} in {cfg.data_dir} (expected {task}/{split}.jsonl|json|parquet)")
 
 
+def split_label(cfg: RunConfig) -> str:
+    """The name the results give the evaluated split."""
+    return f"train, {cfg.holdout} held out (seed {data.HOLDOUT_SEED})" if cfg.holdout else cfg.eval_split
+
+
 def load_examples(cfg: RunConfig, task: str, split: str) -> list[data.Example]:
-    return data.load_task(task, split, path=task_file(cfg, task, split), limit=cfg.limit, template=cfg.template)
+    """A task's ``train`` examples, or its evaluation examples (``split`` = ``cfg.eval_split``).
+    With ``cfg.holdout`` both come from the train split: :func:`jpeft.data.holdout`'s records
+    for evaluation, the rest (``cfg.limit`` of them) for training."""
+    if not cfg.holdout:
+        return data.load_task(task, split, path=task_file(cfg, task, split), limit=cfg.limit, template=cfg.template)
+    every = data.load_task(task, "train", path=task_file(cfg, task, "train"), template=cfg.template)
+    rest, held = data.holdout(every, cfg.holdout)
+    return rest[:cfg.limit] if split == "train" else held
 
 
 def training_pairs(cfg: RunConfig) -> list[tuple[str, str]]:
@@ -127,18 +142,40 @@ def default_run_dir(cfg: RunConfig, root: str = "runs") -> str:
     return os.path.join(root, f"{stamp}-{cfg.method}-{'+'.join(cfg.tasks)}")
 
 
-def evaluate_tasks(cfg: RunConfig, model, params, tokenizer, run_dir: str | None, **info) -> dict[str, dict]:
-    """Accuracy per task on ``cfg.eval_split``; writes ``run_dir/results/{task}.json``."""
-    score_fn = evaluation.make_score_fn(model)
+def eval_sets(cfg: RunConfig, tokenizer) -> dict[str, list[data.Example]]:
+    """Every evaluation set of the run by result name (the tasks, then each instruction file's
+    stem), read and checked against ``max_length`` now: a bad file or a choice that cannot fit
+    fails before any training."""
+    sets = {task: load_examples(cfg, task, cfg.eval_split) for task in cfg.tasks}
+    for path in cfg.eval_instructions:
+        name = pathlib.Path(path).name.split(".")[0]
+        if name in sets:
+            raise ValueError(f"two evaluation sets are named {name!r} (a task or another instruction file): rename {path}")
+        sets[name] = data.load_instruction_examples(path)
+    for examples in sets.values():
+        next(data.prompt_batches(examples, tokenizer, batch_size=1, max_length=cfg.train.max_length))
+    return sets
+
+
+def evaluate_tasks(cfg: RunConfig, model, params, tokenizer, run_dir: str | None, sets=None, progress: bool = False,
+                   **info) -> dict[str, dict]:
+    """Accuracy on every evaluation set (:func:`eval_sets`, unless given), one forward per
+    prompt (:func:`jpeft.eval.make_cached_score_fn`); for instruction files also LLM-Adapters'
+    generation protocol (``accuracy_generate``). Writes ``run_dir/results/{name}.json``."""
+    score_fn = evaluation.make_cached_score_fn(model)
     summary = {}
-    for task in cfg.tasks:
-        examples = load_examples(cfg, task, cfg.eval_split)
-        result = evaluation.evaluate(model, params, examples, tokenizer, batch_size=cfg.train.batch_size,
-                                     max_length=cfg.train.max_length, score_fn=score_fn)
+    for name, examples in (sets or eval_sets(cfg, tokenizer)).items():
+        kw = dict(batch_size=cfg.train.batch_size, max_length=cfg.train.max_length, progress=progress)
+        result = evaluation.evaluate(model, params, examples, tokenizer, score_fn=score_fn, **kw)
+        keys = ["accuracy", "accuracy_norm", "n"]
+        if name not in cfg.tasks:  # an LLM-Adapters file
+            result |= evaluation.evaluate_generate(model, params, examples, tokenizer, **kw)
+            keys.append("accuracy_generate")
         if run_dir and sharding.is_primary():
-            evaluation.write_results(os.path.join(run_dir, "results", f"{task}.json"), task, result,
-                                     split=cfg.eval_split, model=cfg.model, **info)
-        summary[task] = {k: result[k] for k in ("accuracy", "accuracy_norm", "n")}
+            evaluation.write_results(os.path.join(run_dir, "results", f"{name}.json"), name, result,
+                                     split=split_label(cfg) if name in cfg.tasks else "all", model=cfg.model,
+                                     template=cfg.template, **info)
+        summary[name] = {k: result[k] for k in keys}
     return summary
 
 
@@ -147,12 +184,14 @@ def to_jsonable(cfg: RunConfig) -> dict:
 
 
 def finetune(cfg: RunConfig, run_dir: str, *, max_steps=None, stop_at=None, checkpoint_every=100, log_every=10,
-             progress=True, merged_out: str | None = None, peft_out: str | None = None) -> dict:
+             progress=True, merged_out: str | None = None, peft_out: str | None = None, loaded: tuple | None = None) -> dict:
     """Adapt, train (resuming if ``run_dir`` has checkpoints), evaluate; returns the summary.
     On ``cfg.mesh`` (:mod:`jpeft.sharding`); with several processes every one calls this
     alike (the same ``run_dir``, on a filesystem they all see) and process 0 writes.
     ``merged_out``: also the merged model in Hugging Face format; ``peft_out``: also the
-    adapter in HF PEFT's format (:mod:`jpeft.peft_format`; checked before training)."""
+    adapter in HF PEFT's format (:mod:`jpeft.peft_format`; checked before training).
+    ``loaded``: the ``(model, params, hf_config, tokenizer)`` of :func:`load_model` and
+    :func:`load_tokenizer` for ``cfg``, when the caller has them already."""
     mesh = sharding.make_mesh(cfg.mesh)
     if peft_out and jax.process_count() > 1:
         raise ValueError("peft_out is written by one process: run `jpeft export` on the run's adapter afterwards")
@@ -161,9 +200,12 @@ def finetune(cfg: RunConfig, run_dir: str, *, max_steps=None, stop_at=None, chec
     # no device ever holds it whole
     splits_base = any(mesh.shape.get(a, 1) > 1 for a in ("fsdp", "tp"))
     with jax.default_device(jax.local_devices(backend="cpu")[0] if splits_base else None):
-        model, params, hf_config = load_model(cfg.model, dtype, dtype, cfg.seed, cfg.quantize)
+        if loaded is None:
+            model, params, hf_config = load_model(cfg.model, dtype, dtype, cfg.seed, cfg.quantize)
+            tokenizer = load_tokenizer(cfg)
+        else:
+            model, params, hf_config, tokenizer = loaded
         model = model.clone(remat=cfg.train.remat)
-        tokenizer = load_tokenizer(cfg)
         adapted = core.apply(params, cfg.method, key=jax.random.key(cfg.seed),
                              targets=list(cfg.targets) if cfg.targets else None,
                              also_train=list(cfg.also_train) if cfg.also_train else None, model=model,
@@ -171,6 +213,7 @@ def finetune(cfg: RunConfig, run_dir: str, *, max_steps=None, stop_at=None, chec
     if peft_out:
         peft_format.check(adapted, base=params)
     encoded = data.encode_pairs(training_pairs(cfg), tokenizer, cfg.train.max_length)
+    sets = eval_sets(cfg, tokenizer) if stop_at is None else None
     # only now, with the model, the method and the data validated: a bad run leaves no directory
     os.makedirs(run_dir, exist_ok=True)
     if sharding.is_primary():
@@ -180,12 +223,14 @@ def finetune(cfg: RunConfig, run_dir: str, *, max_steps=None, stop_at=None, chec
                                  checkpoint_every=checkpoint_every, log_every=log_every, progress=progress, mesh=mesh)
     summary = {"run_dir": run_dir, "trainable": core.count_params(adapted)["trainable"],
                "log": records, "final_loss": records[-1]["loss"] if records else None}
-    if stop_at is None:
-        summary["results"] = evaluate_tasks(cfg, model, trained, tokenizer, run_dir, method=cfg.method)
+    # every export before evaluation (train.fit has written the adapter): a failed
+    # evaluation loses nothing that was trained
     if merged_out:
         models.MODEL_TYPES[hf_config.model_type].save_pretrained(core.materialize(trained), hf_config, merged_out)
     if peft_out:
         peft_format.save(trained, peft_out, base_model_name_or_path=cfg.model, base=params)
+    if stop_at is None:
+        summary["results"] = evaluate_tasks(cfg, model, trained, tokenizer, run_dir, sets, progress, method=cfg.method)
     return summary
 
 

@@ -83,6 +83,59 @@ def test_train_then_eval_with_the_adapter(tmp_path, capsys):
     assert again["accuracy"] == trained["accuracy"]  # the adapter export reproduces the trained model
 
 
+MINI = os.path.join(ROOT, "jpeft", "assets", "sample_data", "commonsense_mini.json")
+
+
+def test_holdout_and_instruction_sets_on_train_and_eval(tmp_path, capsys, monkeypatch):
+    """--holdout carves the evaluation records out of the train split; --eval-instructions
+    scores LLM-Adapters files both ways; bad input fails before training; an evaluation that
+    fails after training loses nothing that was trained."""
+    from jpeft import data, eval as evaluation
+
+    run = tmp_path / "run"
+    args = ["--model", "tiny", "--tasks", "arc_easy", "--template", "harness", "--holdout", "6", "--batch-size", "4",
+            "--dtype", "float32", "--max-length", "192", "--eval-instructions", MINI]
+    cli.main(["train", *args, "--steps", "2", "--warmup-steps", "1", "--run-dir", str(run)])
+    assert "commonsense_mini" in capsys.readouterr().out
+    task = json.loads((run / "results" / "arc_easy.json").read_text())
+    held = data.holdout(data.load_task("arc_easy", "train", path=data.sample_path("arc_easy", "train"),
+                                       template="harness"), 6)[1]
+    assert task["n"] == 6 and [p["source"] for p in task["predictions"]] == [ex.source for ex in held]
+    assert task["template"] == "harness" and "6 held out" in task["split"]
+    mini = json.loads((run / "results" / "commonsense_mini.json").read_text())
+    assert mini["n"] == 35 and {"accuracy", "accuracy_norm", "accuracy_generate"} <= set(mini)
+    assert len(mini["generations"]) == 35 and all(g["label"] for g in mini["generations"])
+    # eval on the instruction file alone (no --tasks) gives the same numbers from the adapter
+    cli.main(["eval", "--model", "tiny", "--dtype", "float32", "--max-length", "192", "--eval-instructions", MINI,
+              "--adapter", str(run / "adapter"), "--run-dir", str(tmp_path / "eval")])
+    again = json.loads((tmp_path / "eval" / "results" / "commonsense_mini.json").read_text())
+    assert again["accuracy"] == mini["accuracy"] and again["accuracy_generate"] == mini["accuracy_generate"]
+    assert not (tmp_path / "eval" / "results" / "piqa.json").exists()
+    # bad input: exit 2 before any run directory exists
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"instruction": "2 + 2?", "input": "", "output": "4", "answer": "4"}]))
+    for extra, message in [(["--eval-instructions", str(bad)], "bad.json: record 0: field 'instruction' has no 'Answer format"),
+                           (["--template", "lm-eval"], "invalid choice: 'lm-eval'")]:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["train", *args, *extra, "--steps", "1", "--run-dir", str(tmp_path / "refused")])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    long = tmp_path / "long.json"  # a choice of ~100 tokens: no room for it in 64
+    long.write_text(json.dumps([{"instruction": "Pick.\n\nAnswer format: " + "word " * 100 + "/b", "input": "",
+                                 "output": "the correct answer is b", "answer": "b"}]))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["eval", "--model", "tiny", "--max-length", "64", "--eval-instructions", str(long)])
+    assert exit_.value.code == 2 and "long.json:0, choice 0: the choice is" in capsys.readouterr().err
+
+    def broken(*a, **k):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(evaluation, "evaluate", broken)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        cli.main(["train", *args, "--steps", "2", "--run-dir", str(tmp_path / "kept"), "--peft-out", str(tmp_path / "peft")])
+    assert (tmp_path / "kept" / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "peft" / "adapter_config.json").exists()
+
+
 def test_train_export_eval_on_a_llama_checkpoint_directory(tmp_path, capsys):
     """A Llama directory as transformers writes it (model + tokenizer): train, PEFT export,
     merged export, eval; a directory of a model_type jpeft does not port exits 2."""

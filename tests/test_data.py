@@ -1,6 +1,8 @@
 """jpeft.data: task schemas and PromptSource renderings, bad data, tokenization and batches."""
 
+import gzip
 import json
+import pathlib
 import re
 
 import numpy as np
@@ -20,8 +22,11 @@ def tok():
     return data.default_tokenizer()
 
 
-def train(task):
-    return data.load_task(task, "train", path=data.sample_path(task, "train"))
+def train(task, template="promptsource"):
+    return data.load_task(task, "train", path=data.sample_path(task, "train"), template=template)
+
+
+SHARED_ARC = pathlib.Path(__file__).parents[2] / "shared" / "data" / "hf" / "arc_easy" / "train.jsonl"
 
 
 # ------------------------------------------------------------ schemas and templates
@@ -204,12 +209,72 @@ def test_training_batches_mask_exactly_the_answer_and_eos(tok):
         check_batch(batch, order[8 * step : 8 * step + 8].tolist(), tok, pairs, encoded)
 
 
-def test_batches_pad_to_the_longest_sequence_not_to_max_length(tok):
+def test_batches_pad_to_their_longest_sequence_not_to_max_length(tok):
     encoded = data.encode_pairs(data.training_pairs(train("piqa")), tok, 512)
-    longest = max(map(len, encoded.sequences))
-    assert longest < 500 and encoded.width == -(-longest // 8) * 8
-    assert next(data.batches(encoded, batch_size=2, seed=0))["input_ids"].shape == (2, encoded.width)
-    assert data.encode_pairs(data.training_pairs(train("piqa")), tok, longest - 3).width == longest - 3  # capped
+    rounded = lambda rows: -(-max(len(encoded.sequences[r]) for r in rows) // data.PAD_MULTIPLE) * data.PAD_MULTIPLE  # noqa: E731
+    for rows in ([0, 1], [2], list(range(len(encoded)))):
+        assert data.collate(encoded, rows)["input_ids"].shape == (len(rows), rounded(rows)) and rounded(rows) < 512
+    capped = data.encode_pairs(data.training_pairs(train("piqa")), tok, rounded([0]) - 3)
+    assert data.collate(capped, [0])["input_ids"].shape[1] == rounded([0]) - 3
+
+
+def test_instruction_records_as_multiple_choice(tmp_path):
+    mini = data.ASSETS / "sample_data" / "commonsense_mini.json"
+    examples = data.load_instruction_examples(mini)
+    by_format = {ex.choices: ex for ex in examples}
+    assert set(by_format) >= {("the correct answer is true", "the correct answer is false"),
+                              ("the correct answer is solution1", "the correct answer is solution2"),
+                              ("the correct answer is option1", "the correct answer is option2")}
+    first = examples[0]
+    assert first.prompt == data.load_instructions(mini)[0][0] and first.prompt.endswith("### Response:\n")
+    assert first.answer_prefix == "" and first.choices[first.label] == "the correct answer is true"
+    # training on the same record teaches exactly the continuation that is scored
+    assert data.training_pairs([first]) == [(first.prompt, "the correct answer is true")]
+    assert examples[0].task == "commonsense_mini" and examples[3].source.endswith("commonsense_mini.json:3")
+    record = {"instruction": "Q?\n\nAnswer1: a\n\nAnswer format: answer1/answer2", "input": "", "output": "", "answer": "answer2"}
+    for broken, message in [({"instruction": "Q? no format"}, "record 1: field 'instruction' has no 'Answer format"),
+                            ({"answer": "answer3"}, r"record 1: field 'answer' = 'answer3' is not one of the format's"),
+                            ({"instruction": "Answer format: answer1"}, "lists fewer than two answers"),
+                            ({"answer": None}, "record 1: missing field 'answer'")]:
+        path = tmp_path / "broken.json"
+        path.write_text(json.dumps([record, {**record, **broken}]))
+        with pytest.raises(data.DataError, match=message):
+            data.load_instruction_examples(path)
+
+
+def test_answers_are_read_from_generations_as_llm_adapters_reads_them():
+    answers = [f"answer{i}" for i in range(1, 6)]
+    assert data.extract_answer("the correct answer is answer3.", answers) == "answer3"
+    assert data.extract_answer("answer2, not answer1", answers) == "answer2"  # the first one named
+    assert data.extract_answer("no idea", answers) is None
+    assert data.extract_answer("the answer is false", ["true", "false"]) == "false"
+    assert data.extract_answer("option10", ["option1", "option10"]) == "option10"  # the longer name wins
+
+
+def test_holdout_is_fixed_disjoint_and_complete(tmp_path):
+    examples = train("arc_easy")
+    rest, held = data.holdout(examples, 5)
+    again_rest, again_held = data.holdout(examples, 5)
+    assert held == again_held and rest == again_rest and len(held) == 5 and len(rest) == len(examples) - 5
+    assert sorted(ex.source for ex in rest + held) == sorted(ex.source for ex in examples)
+    # the same records whatever is held out of: records or examples, one file or its gzip copy
+    records = data.read_records(data.sample_path("arc_easy", "train"))
+    assert [r["question"] for r in data.holdout(records, 5)[1]] == [ex.prompt.split("\n")[0].removeprefix("Question: ")
+                                                                      for ex in data.holdout(train("arc_easy", "harness"), 5)[1]]
+    packed = tmp_path / "train.jsonl.gz"
+    packed.write_bytes(gzip.compress(data.sample_path("arc_easy", "train").read_bytes()))
+    assert data.read_records(packed) == records
+    for n in (0, len(examples), True):
+        with pytest.raises(ValueError, match="holdout must be an integer in"):
+            data.holdout(examples, n)
+
+
+@pytest.mark.skipif(not SHARED_ARC.exists(), reason=f"the LLM-Adapters ARC-Easy records are not at {SHARED_ARC}")
+def test_the_bundled_demo_records_are_the_held_out_split_of_arc_easy():
+    records = data.read_records(SHARED_ARC)
+    rest, held = data.holdout(records, 200)
+    assert data.read_records(data.ASSETS / "arc_easy" / "validation.jsonl.gz") == held
+    assert data.read_records(data.ASSETS / "arc_easy" / "train.jsonl.gz") == rest
 
 
 def test_instruction_targets_are_verbatim(tok):
@@ -270,9 +335,9 @@ def test_choice_batches_mask_exactly_the_choices_and_pad_the_last_batch(tok):
     examples = train("arc_challenge")[:3] + train("boolq")[:2] + train("winogrande")[:1]
     batches = list(data.choice_batches(examples, tok, batch_size=4, max_length=128))
     rows = [(b, i) for b in batches for i in range(4)]
-    # one shape for every batch: the longest row rounded up to a multiple of 8, not max_length
-    longest = max(int(b["attention_mask"].sum(1).max()) for b in batches)
-    assert len(batches) == 5 and {b["input_ids"].shape for b in batches} == {(4, -(-longest // 8) * 8)}
+    # each batch as wide as its longest row rounded up to PAD_MULTIPLE, not max_length
+    widths = [-(-int(b["attention_mask"].sum(1).max()) // data.PAD_MULTIPLE) * data.PAD_MULTIPLE for b in batches]
+    assert len(batches) == 5 and [b["input_ids"].shape for b in batches] == [(4, min(w, 128)) for w in widths]
     assert all(b[k].dtype == np.int32 for b in batches for k in ("example_index", "choice_index", "choice_chars"))
     seen = []
     for b, i in rows:

