@@ -113,7 +113,7 @@ def cmd_demo(args) -> None:
     else:
         from jpeft import demo
 
-        demo.run(run_dir, steps=args.steps or 64)
+        demo.run(run_dir, steps=args.steps or 40)
     print("\nPhi-1.5 parameter counts (Q/K/V targets, thesis hyper-parameters), from shapes only:\n")
     print_counts("phi-1.5", ALL_METHODS)
 
@@ -396,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true",
                       help="offline, in seconds: every method on a tiny random Phi and a short run on bundled samples")
     demo.add_argument("--method", default="lora", help="the method of --quick's run")
-    demo.add_argument("--steps", type=int, default=None, help="training steps (default: 64, or 300 with --quick)")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: 40 of 8 records, or 300 with --quick)")
     demo.add_argument("--run-dir", default=None)
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -27,7 +27,7 @@ TARGETS = (r".*_proj/kernel",)
 HELD_OUT_QUESTION = 0  # the held-out record answered greedily before and after
 
 
-def config(steps: int, batch_size: int = 8) -> pipeline.RunConfig:
+def config(steps: int = 40, batch_size: int = 8) -> pipeline.RunConfig:
     """The demo's run: ``steps`` batches of ``batch_size`` ARC-Easy training records (drawn
     without replacement from the 2,051 the package ships), and the 200 held-out ones."""
     return pipeline.RunConfig(
@@ -77,7 +77,7 @@ def figure(log: list[dict], before: dict, after: dict, path: str) -> None:
     plt.close(fig)
 
 
-def run(run_dir: str, steps: int = 64, batch_size: int = 8, progress: bool = True, echo=print) -> dict:
+def run(run_dir: str, steps: int = 40, batch_size: int = 8, progress: bool = True, echo=print) -> dict:
     """The demo; returns its summary (also written to ``run_dir/demo.json``)."""
     cfg = config(steps, batch_size)
     if not download.is_cached("smollm2-135m"):
@@ -132,6 +132,9 @@ def run(run_dir: str, steps: int = 64, batch_size: int = 8, progress: bool = Tru
              f"{100 * (a - b):+10.1f} ± {100 * result['gain_se'][key]:4.1f}")
     echo(f"   (n = {n} held-out questions, ± one standard error; chance is 25 %)")
     echo(f"\n4. One held-out question, answered greedily:\n   {question.prompt.replace(chr(10), chr(10) + '   ')}")
-    echo(f"   before: {answer_before!r}\n   after:  {answer_after!r}\n   key:    {result['label']!r}")
+    picked = [question.choices[r["predictions"][HELD_OUT_QUESTION]["prediction_norm"]] for r in (before, after)]
+    echo(f"   generated before: {answer_before or '(nothing: it stops at once)'!r}\n"
+         f"   generated after:  {answer_after or '(nothing: it stops at once)'!r}\n"
+         f"   scored choice (acc_norm) before: {picked[0]!r}, after: {picked[1]!r}; key: {result['label']!r}")
     echo(f"\n   run directory {run_dir}: adapter/ (jpeft), peft/ (HF PEFT format), results/, log.jsonl, demo.png")
     return result

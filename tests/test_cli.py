@@ -83,6 +83,24 @@ def test_train_then_eval_with_the_adapter(tmp_path, capsys):
     assert again["accuracy"] == trained["accuracy"]  # the adapter export reproduces the trained model
 
 
+def test_quick_demo_and_the_real_demos_statistics(tmp_path, capsys):
+    from jpeft import demo
+
+    cli.main(["demo", "--quick", "--steps", "3", "--run-dir", str(tmp_path / "quick")])
+    out = capsys.readouterr().out
+    assert out.count("|factored - merged|") == len(cli.DEMO_METHODS) and "| rhoft | r_u=16, r_v=16" in out
+    assert (tmp_path / "quick" / "adapter" / "adapter_config.json").exists()
+    # the paired standard error of a gain: questions 0-2 turn right, 3 turns wrong, 4-7 stay
+    before = [{"prediction": p, "label": 0} for p in (1, 1, 1, 0, 0, 0, 1, 1)]
+    after = [{"prediction": p, "label": 0} for p in (0, 0, 0, 1, 0, 0, 1, 1)]
+    diff = [1, 1, 1, -1, 0, 0, 0, 0]
+    expected = (sum((d - 0.25) ** 2 for d in diff) / 7) ** 0.5 / 8 ** 0.5
+    assert abs(demo.paired_standard_error(before, after) - expected) < 1e-12
+    cfg = demo.config()
+    assert cfg.model == "smollm2-135m" and cfg.template == "harness" and cfg.hparams == {"r": 16, "alpha": 32.0, "dropout": 0.0}
+    assert [len(demo.pipeline.load_examples(cfg, "arc_easy", s)) for s in ("train", "validation")] == [2051, 200]
+
+
 MINI = os.path.join(ROOT, "jpeft", "assets", "sample_data", "commonsense_mini.json")
 
 
