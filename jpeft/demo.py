@@ -43,8 +43,7 @@ def greedy_answer(model, params, tokenizer, prompt: str, max_new_tokens: int = 1
     ids = np.asarray([data.token_ids(tokenizer, [prompt])[0]], np.int32)
     eos, pad = data.special_ids(tokenizer)
     out = layers.generate(model, params, ids, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
-    new = [t for t in np.asarray(out)[0, ids.shape[1]:].tolist() if t not in (eos, pad)]
-    return tokenizer.decode(new).strip().split("\n")[0].strip()
+    return evaluation.response(tokenizer, np.asarray(out)[0, ids.shape[1]:], (eos, pad)).strip().split("\n")[0].strip()
 
 
 def paired_standard_error(before: list[dict], after: list[dict], key: str = "prediction") -> float:

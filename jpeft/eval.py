@@ -151,13 +151,17 @@ def evaluate_generate(model, params: PyTree, examples: Sequence[data.Example], t
         out = np.asarray(sharding.host_array(layers.generate(model, params, ids, mask, max_new_tokens=max_new_tokens,
                                                              eos_token_id=eos, pad_token_id=pad)))
         for b, ex in enumerate(examples[first:first + len(rows)]):
-            new = list(itertools.takewhile(lambda t: t not in (eos, pad), out[b, width:].tolist()))
-            text = tokenizer.decode(new)
+            text = response(tokenizer, out[b, width:], (eos, pad))
             answers = [c.removeprefix(prefix) for c in ex.choices]
             read, want = data.extract_answer(text, answers), answers[ex.label]
             correct += read == want
             generations.append({"source": ex.source, "response": text, "answer": read, "label": want})
     return {"accuracy_generate": correct / len(examples), "n": len(examples), "generations": generations}
+
+
+def response(tokenizer, new_ids, stop: Sequence[int]) -> str:
+    """The text of generated tokens ``new_ids`` up to the first of the ``stop`` ids (EOS, pad)."""
+    return tokenizer.decode(list(itertools.takewhile(lambda t: t not in stop, np.asarray(new_ids).tolist())))
 
 
 def standard_error(accuracy: float, n: int) -> float:
