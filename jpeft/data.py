@@ -585,7 +585,14 @@ def choice_batches(examples: Sequence[Example], tokenizer, *, batch_size: int, m
     owners = [(e, c, len(choice)) for e, ex in enumerate(examples) for c, choice in enumerate(ex.choices)]
     prompts = token_ids(tokenizer, [examples[e].prompt_for(c) for e, c, _ in owners])
     answers = token_ids(tokenizer, [examples[e].answer_prefix + examples[e].choices[c] for e, c, _ in owners])
-    joined = [_join(p, a, max_length, f"{examples[e].source}, choice {c}")
+    # a prompt too long is cut to leave room for the longest choice that follows it, as
+    # prompt_batches cuts the prompt it reads once: both paths score the same tokens
+    longest: dict[tuple[int, str], int] = {}
+    for (e, c, _), a in zip(owners, answers):
+        key = (e, examples[e].prompt_for(c))
+        longest[key] = max(longest.get(key, 0), len(a))
+    joined = [_join(p[min(len(p) - 1, max(0, len(p) + longest[e, examples[e].prompt_for(c)] - max_length)):], a,
+                    max_length, f"{examples[e].source}, choice {c}")
               for (e, c, _), p, a in zip(owners, prompts, answers)]
     encoded = EncodedPairs(tuple(s for s, _ in joined), tuple(k for _, k in joined), max_length, pad)
     for first in range(0, len(owners), batch_size):
@@ -613,9 +620,9 @@ def prompt_batches(examples: Sequence[Example], tokenizer, *, batch_size: int,
     -1 / 0 where a row has fewer than K choices or is filling the last batch. K and C are the
     set's; rows go in order of prompt length and P is each batch's longest prompt rounded up to
     a multiple of 32 (a few shapes, so a few compiles, and short prompts are not padded to
-    the longest of the set). P + C <= max_length: a prompt longer than max_length - C keeps
-    its last tokens, and a choice that cannot fit ``max_length`` with one prompt token is a
-    DataError naming it.
+    the longest of the set). A prompt that does not fit ``max_length`` with its longest choice
+    keeps its last tokens (as :func:`choice_batches` cuts it, so both score the same tokens),
+    and a choice that cannot fit ``max_length`` with one prompt token is a DataError naming it.
     """
     pad = special_ids(tokenizer)[1]
     groups: list[tuple[int, str, list[int]]] = []  # (example, prompt, its choices)
@@ -635,18 +642,21 @@ def prompt_batches(examples: Sequence[Example], tokenizer, *, batch_size: int,
                         f"do not fit max_length {max_length}")
     width = min(_bucket(longest, 8), max_length - 1)
     k = max(len(cs) for _, _, cs in groups)
+    # each prompt keeps its last tokens that fit max_length with its own longest choice
+    prompts = [p[max(0, len(p) + max(len(answer_of(e, c)) for c in cs) - max_length):]
+               for p, (e, _, cs) in zip(prompts, groups)]
     order = sorted(range(len(groups)), key=lambda g: len(prompts[g]))
     for first in range(0, len(groups), batch_size):
         members = order[first:first + batch_size]
         rows = [groups[g] for g in members]
-        plen = min(_bucket(max(len(prompts[g]) for g in members), PAD_MULTIPLE), max_length - width)
+        plen = min(_bucket(max(len(prompts[g]) for g in members), PAD_MULTIPLE), max_length)
         batch = {"prompt_ids": np.full((batch_size, plen), pad, np.int32), "prompt_mask": np.zeros((batch_size, plen), np.int32),
                  "choice_ids": np.full((batch_size, k, width), pad, np.int32),
                  "choice_mask": np.zeros((batch_size, k, width), np.int32),
                  "example_index": np.full((batch_size,), -1, np.int32), "choice_index": np.full((batch_size, k), -1, np.int32),
                  "choice_chars": np.zeros((batch_size, k), np.int32)}
         for b, (e, _, cs) in enumerate(rows):
-            tokens = prompts[members[b]][-plen:]  # cut on the left, as _join cuts
+            tokens = prompts[members[b]]
             batch["prompt_ids"][b, plen - len(tokens):] = tokens
             batch["prompt_mask"][b, plen - len(tokens):] = 1
             batch["example_index"][b] = e

@@ -80,3 +80,18 @@ def test_a_choice_that_cannot_fit_is_refused(tok):
     with pytest.raises(data.DataError, match=r"choice \d: the choice is \d+ tokens, which with a prompt do not fit "
                                              r"max_length 4"):
         list(data.prompt_batches([ex], tok, batch_size=2, max_length=4))
+
+
+def test_prompts_too_long_are_cut_alike_on_both_paths(tok):
+    """At a max_length some prompts do not fit with their choices: both paths keep the same
+    last tokens of each (room for its longest choice), so the scores stay equal."""
+    model, params = phi.init(phi.config("tiny"), jax.random.key(0))
+    examples = examples_of("arc_easy", "harness")
+    lengths = [len(p) for p in data.token_ids(tok, [ex.prompt for ex in examples])]
+    max_length = int(np.median(lengths)) + 4
+    batches = list(data.prompt_batches(examples, tok, batch_size=4, max_length=max_length))
+    assert max(b["prompt_mask"].sum(1).max() for b in batches) < max(lengths)  # some prompt was cut
+    results = [evaluation.evaluate(model, params, examples, tok, batch_size=4, max_length=max_length, cached=cached)
+               for cached in (False, True)]
+    slow, fast = (np.concatenate([p["scores"] for p in r["predictions"]]) for r in results)
+    assert np.abs(fast - slow).max() <= 1e-4 * np.abs(slow).max()
