@@ -62,19 +62,22 @@ def cell(task: str, method: str, seed: int, args, scratch: str) -> dict:
                                         checkpoint_every=args.steps, log_every=10, progress=False)
         results = summary["results"]
     (r,) = results.values()
-    return {"task": task, "method": method, "seed": seed, **r, "wall_s": time.perf_counter() - start}
+    budget = {} if method == "zero-shot" else {"steps": args.steps, "batch": args.batch_size, "lr": args.lr}
+    return {"task": task, "method": method, "seed": seed, **budget, **r, "wall_s": time.perf_counter() - start}
 
 
 def write(cells: list[dict], env: dict, out: str) -> None:
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"environment": env, "cells": cells}, f, indent=2)
-    methods = ["zero-shot"] + [m for m in env["methods"]]
+    # every cell measured so far, also those of earlier invocations with other --tasks/--methods
+    methods = ["zero-shot"] + [m for m in METHODS if m in env["methods"] or any(c["method"] == m for c in cells)]
+    tasks = [t for t in TASKS if t in env["tasks"] or any(c["task"] == t for c in cells)]
     lines = [f"SmolLM2-135M-Instruct, {env['steps']} steps x {env['batch']} records per run, {env['holdout']} held-out "
              f"records per task; acc_norm (acc) in %, mean ± spread over seeds; {env['device']}, {env['date']}\n",
-             "| method | " + " | ".join(env["tasks"]) + " |", "|---|" + "---:|" * len(env["tasks"])]
+             "| method | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
     for m in methods:
         row = []
-        for t in env["tasks"]:
+        for t in tasks:
             got = [c for c in cells if c["task"] == t and c["method"] == m]
             if not got:
                 row.append("(not run)")
@@ -94,9 +97,9 @@ def write(cells: list[dict], env: dict, out: str) -> None:
     width = 0.8 / len(methods)
     for i, m in enumerate(methods):
         values = [statistics.mean([100 * c["accuracy_norm"] for c in cells if c["task"] == t and c["method"] == m] or [0])
-                  for t in env["tasks"]]
-        ax.bar([j + i * width for j in range(len(env["tasks"]))], values, width, label=m)
-    ax.set(xticks=[j + 0.4 - width / 2 for j in range(len(env["tasks"]))], xticklabels=env["tasks"],
+                  for t in tasks]
+        ax.bar([j + i * width for j in range(len(tasks))], values, width, label=m)
+    ax.set(xticks=[j + 0.4 - width / 2 for j in range(len(tasks))], xticklabels=tasks,
            ylabel="acc_norm, % of held-out records", title="SmolLM2-135M-Instruct, one training budget per run")
     ax.legend(ncol=5, fontsize=8)
     fig.tight_layout()
