@@ -36,7 +36,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jpeft.core import path_str
 from jpeft.node import Quantized, is_leaf, is_node
@@ -91,7 +91,27 @@ def make_mesh(axes: str | Mapping[str, int] | None = None, devices: Sequence | N
         raise ValueError(f"mesh {given} has {int(np.prod(shape))} positions but there are {len(devices)} devices; "
                          f"the sizes must multiply to {len(devices)}")
     # jax.devices() lists each process's devices together, so the outer axes cross hosts
-    return Mesh(np.asarray(devices, dtype=object).reshape(shape), names)
+    return Mesh(np.asarray(devices, dtype=object).reshape(shape), names, axis_types=(AxisType.Auto,) * len(names))
+
+
+def auto_axes(mesh: Mesh) -> Mesh:
+    """``mesh`` (its devices and axis names) with every axis ``Auto``: jpeft's placements are
+    for the SPMD partitioner's propagation, which the models rely on (their gathers and
+    einsums name no output sharding). ``jax.make_mesh`` makes ``Explicit`` axes by default
+    (jax 0.10); under them the embedding lookup of a table split on its vocabulary by ids
+    split on their rows has no unambiguous result sharding. Refused inside
+    ``jax.set_mesh`` of a mesh with ``Explicit`` axes, where the traced program requires
+    every array to carry those types."""
+    context = jax.sharding.get_abstract_mesh()
+    if not context.empty and AxisType.Explicit in context.axis_types:
+        kinds = ", ".join(f"{a}: {t.name}" for a, t in zip(context.axis_names, context.axis_types))
+        raise ValueError(f"jpeft places arrays on Auto mesh axes, but this runs inside jax.set_mesh of a mesh with "
+                         f"Explicit axes ({kinds}); call jpeft outside that context, or set a mesh with Auto axes "
+                         f"(jpeft.sharding.make_mesh, or jax.make_mesh(shape, names, "
+                         f"axis_types=(jax.sharding.AxisType.Auto,) * len(names)))")
+    if all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return mesh.update(axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
 def describe(mesh: Mesh) -> str:
@@ -100,7 +120,7 @@ def describe(mesh: Mesh) -> str:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
+    return NamedSharding(auto_axes(mesh), PartitionSpec())
 
 
 def data_spec(mesh: Mesh, axes: Sequence[str] = ("data", "fsdp")) -> NamedSharding:
@@ -110,7 +130,7 @@ def data_spec(mesh: Mesh, axes: Sequence[str] = ("data", "fsdp")) -> NamedShardi
     if unknown:
         raise ValueError(f"unknown mesh axes {unknown}; the axes are {', '.join(AXES)}")
     present = tuple(a for a in axes if a in mesh.axis_names)
-    return NamedSharding(mesh, PartitionSpec(present) if present else PartitionSpec())
+    return NamedSharding(auto_axes(mesh), PartitionSpec(present) if present else PartitionSpec())
 
 
 def batch_divisor(mesh: Mesh | Mapping[str, int], axes: Sequence[str] = ("data", "fsdp")) -> int:
@@ -156,8 +176,10 @@ def fsdp_specs(tree: PyTree, mesh: Mesh, *, axis: str | None = "fsdp", min_size:
     layer name matches a column rule of ``tp_rules`` (:data:`TP_RULES`) are split along
     ``tp_axis`` on their output (last) axis, with their bias; row-parallel kernels on their
     input axis (second to last); ``axis`` then takes the largest remaining axis. An axis
-    ``tp_axis`` does not divide stays whole. ``axis=None``: no FSDP split.
+    ``tp_axis`` does not divide stays whole. ``axis=None``: no FSDP split. The shardings are
+    on ``mesh``'s devices with ``Auto`` axes (:func:`auto_axes`), whatever its axis types.
     """
+    mesh = auto_axes(mesh)
     for name, value in (("axis", axis), ("tp_axis", tp_axis)):
         if value is not None and value not in mesh.axis_names:
             raise ValueError(f"{name}={value!r} is not an axis of the mesh ({describe(mesh)})")

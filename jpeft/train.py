@@ -344,7 +344,7 @@ def fit(
     if per_epoch == 0:
         raise ValueError(f"{len(encoded)} training sequences do not fill one batch of {config.batch_size}")
     total = max_steps or config.epochs * per_epoch
-    mesh = mesh or sharding.make_mesh()
+    mesh = sharding.auto_axes(mesh or sharding.make_mesh())
     parts = sharding.batch_divisor(mesh)
     if (config.batch_size // config.grad_accum) % parts:
         raise ValueError(f"the micro-batch of {config.batch_size // config.grad_accum} rows (batch_size="

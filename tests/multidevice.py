@@ -27,11 +27,16 @@ from jpeft.models import phi  # noqa: E402
 
 CONFIG = PhiConfig(vocab_size=1024, hidden_size=128, intermediate_size=512, num_hidden_layers=1,
                    num_attention_heads=4, max_position_embeddings=64)
-MESHES = {"one device": None, "data=2,fsdp=4": "data=2,fsdp=4", "data=2,fsdp=2,tp=2": "data=2,fsdp=2,tp=2"}
+MESHES = {"one device": None, "data=2,fsdp=4": "data=2,fsdp=4", "data=2,fsdp=2,tp=2": "data=2,fsdp=2,tp=2",
+          "jax.make_mesh data=2,fsdp=4 (Explicit axes)": ((2, 4), ("data", "fsdp"))}
 TC = train.TrainConfig(batch_size=8, compute_dtype="float32", warmup_steps=1, max_length=48, learning_rate=1e-3)
 
 
 def mesh_of(spec):
+    if isinstance(spec, tuple):  # the standard JAX way, its axes Explicit by default
+        mesh = jax.make_mesh(*spec)
+        assert set(mesh.axis_types) == {jax.sharding.AxisType.Explicit}, mesh.axis_types
+        return mesh
     return sharding.make_mesh(devices=jax.devices()[:1]) if spec is None else sharding.make_mesh(spec)
 
 
@@ -80,7 +85,7 @@ def steps(model, adapted) -> None:
         state = train.init_state(trainable, tx, 0)
         shardings = train.step_shardings(state, frozen, mesh)
         state, placed = sharding.place(state, shardings[0]), sharding.place(frozen, shardings[1])
-        if spec is not None:  # what each device holds of every frozen kernel
+        if isinstance(spec, str):  # what each device holds of every frozen kernel
             fsdp, tp = mesh.shape["fsdp"], mesh.shape.get("tp", 1)
             kernels = [(p, n, d) for p, n, d in sharding.shard_counts(placed) if p.endswith("kernel") or "frozen/u" in p]
             # q (LoRA's node), k, v, dense (OFT's), fc2 (DoRA's), fc1's RHOFT u; lm_head
@@ -103,11 +108,41 @@ def steps(model, adapted) -> None:
         print(f"{name}: loss {metrics['loss']:.7f}, relative to one device: loss {errors['loss']:.1e}, "
               f"gradient norm {errors['grad_norm']:.1e}, worst trainable update {worst:.1e}")
         assert max(errors.values()) <= 1e-5 and worst <= 1e-5, (name, errors, worst)
+    own_jit_on_an_explicit_mesh(model, adapted, batch)
     print("OK")
 
 
+def own_jit_on_an_explicit_mesh(model, adapted, batch) -> None:
+    """A user's own ``jax.jit(jax.value_and_grad(loss))`` over a tree placed by ``fsdp_specs``
+    on ``jax.make_mesh``'s mesh (Explicit axes) equals one device; inside ``jax.set_mesh`` of
+    that mesh jpeft refuses, naming the axis types, before JAX fails on the lookup."""
+    trainable, frozen = jpeft.partition(adapted)
+    mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
+
+    def loss(t, f, ids):
+        logits = model.apply({"params": jpeft.combine(t, f)}, ids)
+        return jax.numpy.mean(train.target_logprobs(logits, jax.numpy.roll(ids, -1, 1)))
+
+    placed = sharding.place(frozen, sharding.fsdp_specs(frozen, mesh))
+    ids = sharding.place(batch["input_ids"], sharding.data_spec(mesh))
+    value, grads = jax.jit(jax.value_and_grad(loss))(trainable, placed, ids)
+    value0, grads0 = jax.jit(jax.value_and_grad(loss))(trainable, frozen, batch["input_ids"])
+    worst = max(rel(a, b) for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads0)))
+    assert abs(float(value) - float(value0)) <= 1e-5 * abs(float(value0)) and worst <= 1e-5, (value, value0, worst)
+    print(f"own jit on jax.make_mesh's Explicit mesh: loss relative to one device {abs(value - value0) / abs(value0):.1e}, "
+          f"worst gradient {worst:.1e}")
+    with jax.set_mesh(mesh):
+        try:
+            sharding.fsdp_specs(frozen, mesh)
+        except ValueError as e:
+            assert "Explicit axes (data: Explicit, fsdp: Explicit)" in str(e) and "AxisType.Auto" in str(e), e
+        else:
+            raise AssertionError("fsdp_specs inside jax.set_mesh of an Explicit mesh was not refused")
+
+
 def checkpoint_moves(model, adapted) -> None:
-    """A checkpoint written on data=2,fsdp=4 restores on data=8 and on one device with
+    """A checkpoint written on data=2,fsdp=4 restores on data=8 (``jax.make_mesh``'s, Explicit
+    axes) and on one device with
     bit-identical arrays, placed on the new mesh, in ``Checkpointer.restore`` and in
     ``train.fit`` resuming from it."""
     pairs = pipeline.training_pairs(pipeline.RunConfig())
@@ -123,7 +158,7 @@ def checkpoint_moves(model, adapted) -> None:
         saved, _ = saver.restore(train.init_state(trainable, tx, TC.seed))  # on the host's default device
         saved = jax.tree_util.tree_map(np.asarray, saved)
         assert int(saved.step) == 2
-        for name, spec in (("data=8", "data=8"), ("one device", None)):
+        for name, spec in (("jax.make_mesh data=8 (Explicit axes)", ((8,), ("data",))), ("one device", None)):
             mesh = mesh_of(spec)
             template = train.init_state(trainable, tx, TC.seed)
             template = sharding.place(template, train.step_shardings(template, frozen, mesh)[0])
