@@ -7,21 +7,11 @@
     jpeft.count_params(adapted)
 """
 
-from jpeft.core import (
-    DEFAULT_TARGETS,
-    apply,
-    combine,
-    count_params,
-    linear,
-    match_targets,
-    materialize,
-    methods,
-    partition,
-    register,
-    with_rank,
-)
+from jpeft.core import apply, combine, count_params, linear, materialize, partition, with_rank
 from jpeft import optim
 from jpeft.methods.base import Method
+from jpeft.methods.registry import methods, register
+from jpeft.tree import DEFAULT_TARGETS, match_targets
 from jpeft.wrap import wrap
 from jpeft.node import Node, Quantized, is_node, is_quantized
 from jpeft.quantized import dequantize, quantize

@@ -8,6 +8,7 @@ from typing import Any, Iterable
 import jax
 
 from jpeft import core
+from jpeft.methods.registry import make_config
 
 PyTree = Any
 
@@ -46,7 +47,7 @@ def count_table(
                                                        **core.targets_for(method, targets, model), **hp), abstract_params
         )
         counts = core.count_params(adapted)
-        config = core.make_config(method, **hp)
+        config = make_config(method, **hp)
         rows.append(
             {
                 "method": method,
