@@ -218,7 +218,7 @@ def apply(params: PyTree, method: str, *, key: Array, targets: str | Iterable[st
     Args:
       params: a Flax parameter pytree: linen ``params`` or NNX state from ``nnx.split``
         (kernels compute ``y = x @ K``).
-      method: a name in :data:`methods` (``lora``, ``dora``, ``lokr``, ``oft``, ``boft``,
+      method: a name in :data:`jpeft.methods` (``lora``, ``dora``, ``lokr``, ``oft``, ``boft``,
         ``shoft``, ``rhoft``, ``hra``, ``vera``, ``dylora``, ``bitfit``, ``full`` or a
         registered one).
       key: a ``jax.random`` key; target ``i`` (in tree order) uses ``fold_in(key, i)``, and
@@ -226,7 +226,7 @@ def apply(params: PyTree, method: str, *, key: Array, targets: str | Iterable[st
         share (:attr:`Method.shared`: VeRA's projections) is drawn once from
         ``fold_in(key, 2**32 - 1)``.
       targets: a regex or a list of regexes matched against whole '/'-joined paths;
-        ``None`` selects the Q/K/V projections (:data:`DEFAULT_TARGETS`).
+        ``None`` selects the Q/K/V projections (:data:`jpeft.tree.DEFAULT_TARGETS`).
       layout: how a kernel's axes form the matrix its layer computes, one letter per axis
         (``i`` input, ``o`` output, ``s`` leading stacked axis): a string for every
         target or a dict from regex to string; 2-D kernels default to ``"io"``. Attention

@@ -44,6 +44,7 @@ _QUANTIZED_METHOD = Method(
 
 
 def get_method(name: str) -> Method:
+    """The method registered as ``name`` (ValueError naming the known ones for another name)."""
     if name == QUANTIZED:
         return _QUANTIZED_METHOD
     if name not in methods:
