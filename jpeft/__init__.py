@@ -7,24 +7,36 @@
     jpeft.count_params(adapted)
 """
 
-from jpeft.core import (
-    DEFAULT_TARGETS,
-    apply,
-    combine,
-    count_params,
-    linear,
-    match_targets,
-    materialize,
-    methods,
-    partition,
-    register,
-    with_rank,
-)
+import importlib
+
+from jpeft.core import apply, combine, count_params, linear, materialize, partition, with_rank
 from jpeft import optim
 from jpeft.methods.base import Method
+from jpeft.methods.registry import methods, register
+from jpeft.tree import DEFAULT_TARGETS, match_targets
 from jpeft.wrap import wrap
 from jpeft.node import Node, Quantized, is_node, is_quantized
 from jpeft.quantized import dequantize, quantize
+
+#: The public modules, each reachable as ``jpeft.NAME``: those the API above does not import
+#: load on first use (PEP 562), so ``import jpeft`` stays as light as that API (no flax,
+#: orbax, torch or transformers until a module needs them). ``jpeft.methods`` is the
+#: registry and ``jpeft.wrap`` the function (import their modules by name).
+SUBMODULES = (
+    "bench", "checkpoint", "cli", "core", "counter_rng", "data", "demo", "eval", "hooks", "layout", "linalg",
+    "models", "node", "optim", "peft_format", "pipeline", "quant", "quantized", "report", "sharding", "train", "tree",
+)
+
+
+def __getattr__(name: str):
+    if name in SUBMODULES:
+        return importlib.import_module(f"jpeft.{name}")  # binds jpeft.NAME, so this runs once per module
+    raise AttributeError(f"module 'jpeft' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *SUBMODULES})
+
 
 __all__ = [
     "DEFAULT_TARGETS",

@@ -42,8 +42,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from safetensors.numpy import load_file, save_file
 
-from jpeft import core, sharding
-from jpeft.node import Node, is_node
+from jpeft import hooks, sharding
+from jpeft.layout import per_layer
+from jpeft.methods.registry import get_method, make_config
+from jpeft.node import Node, is_leaf, is_node
+from jpeft.quantized import plain_kernel, quantized_like
+from jpeft.tree import leaves_with_paths, path_str
 
 PyTree = Any
 
@@ -54,13 +58,13 @@ ADAPTER_CONFIG = "adapter_config.json"
 def flatten(tree: PyTree) -> dict[str, Any]:
     """``{'/'-joined path: leaf}`` of the non-None leaves of ``tree``."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {core.path_str(p): leaf for p, leaf in flat}
+    return {path_str(p): leaf for p, leaf in flat}
 
 
 def unflatten(template: PyTree, flat: dict[str, Any]) -> PyTree:
     """Put ``flat``'s arrays back into ``template``'s structure (paths must match exactly)."""
     paths, treedef = jax.tree_util.tree_flatten_with_path(template)
-    names = [core.path_str(p) for p, _ in paths]
+    names = [path_str(p) for p, _ in paths]
     missing, extra = sorted(set(names) - set(flat)), sorted(set(flat) - set(names))
     if missing or extra:
         raise ValueError(f"checkpoint does not fit the model: missing {missing[:10]}, unexpected {extra[:10]}")
@@ -136,7 +140,7 @@ def _stored_frozen(node: Node) -> dict[str, Any]:
     """The frozen arrays an adapter must hold: not the base kernel, and, where the method
     rebuilds its frozen arrays from the base, only their vectors (the base check)."""
     depth = len(node.stack_shape)
-    rebuildable = core.get_method(node.method).frozen_from_base is not None
+    rebuildable = get_method(node.method).frozen_from_base is not None
     return {k: v for k, v in node.frozen.items() if k != "kernel" and (not rebuildable or v.ndim - depth <= 1)}
 
 
@@ -151,9 +155,9 @@ def _rebuilt_frozen(path: str, d: dict, spec, config, base, layout: str, stored:
     names = set(jax.eval_shape(lambda k: spec.frozen_from_base(k, config), jax.ShapeDtypeStruct(shape, base.dtype))) - {"kernel"}
     if not names:
         return {}
-    rebuilt = core.per_layer(
+    rebuilt = per_layer(
         lambda i, matrix: {k: v for k, v in spec.frozen_from_base(matrix, config).items() if k in names},
-        core.plain_kernel(base), layout
+        plain_kernel(base), layout
     )
     depth = len(layout) - len(layout.lstrip("s"))
     rtol = _base_check_rtol(base.dtype, d["dtype"])
@@ -166,7 +170,7 @@ def _rebuilt_frozen(path: str, d: dict, spec, config, base, layout: str, stored:
                 f"more than the tolerance {rtol:g} (saved {np.asarray(saved).ravel()[:4].tolist()}..., "
                 f"rebuilt {np.asarray(rebuilt[name], np.float32).ravel()[:4].tolist()}...)"
             )
-    return core.quantized_like(base, rebuilt)
+    return quantized_like(base, rebuilt)
 
 
 def _describe(node: Node) -> dict:
@@ -189,7 +193,7 @@ def save_adapter(directory: str | os.PathLike, adapted: PyTree) -> None:
 
     Arrays split over several processes' devices are gathered (every process must call
     this, in the same order); process 0 alone writes."""
-    nodes = {p: leaf for p, leaf in core.leaves_with_paths(adapted) if is_node(leaf)}
+    nodes = {p: leaf for p, leaf in leaves_with_paths(adapted) if is_node(leaf)}
     if not nodes:
         raise ValueError("save_adapter: the tree holds no jpeft node (was it materialized?)")
     tensors = {}
@@ -229,9 +233,7 @@ def read_adapter_files(directory: str | os.PathLike, config_name: str, weights_n
 def _hook_node(path: str, d: dict, tensors: dict, model: Any, params: PyTree) -> Node:
     """The node of a method that adds computation (``params["jpeft"][method]``), all of its
     arrays stored; with ``model``, checked against the arrays its ``init`` makes for it."""
-    from jpeft import hooks
-
-    config = core.make_config(d["method"], **d["hparams"])
+    config = make_config(d["method"], **d["hparams"])
     saved = lambda kind: {k.rsplit("::", 1)[1]: jnp.asarray(v) for k, v in tensors.items() if k.startswith(f"{path}::{kind}::")}
     trainable, frozen = saved("trainable"), saved("frozen")
     if model is not None:
@@ -240,7 +242,7 @@ def _hook_node(path: str, d: dict, tensors: dict, model: Any, params: PyTree) ->
             config.check(dims)
         except ValueError as e:
             raise ValueError(f"adapter {path!r} does not fit the model: {e}") from None
-        want = jax.eval_shape(lambda p: core.get_method(d["method"]).init(jax.random.key(0), dims, config, p), params)
+        want = jax.eval_shape(lambda p: get_method(d["method"]).init(jax.random.key(0), dims, config, p), params)
         for kind, got, expected in (("trainable", trainable, want[0]), ("frozen", frozen, want[1])):
             found = {k: tuple(v.shape) for k, v in got.items()}
             shapes = {k: tuple(v.shape) for k, v in expected.items()}
@@ -257,8 +259,6 @@ def load_adapter(directory: str | os.PathLike, params: PyTree, model: Any = None
     methods that add computation (``params["jpeft"]``) are loaded as stored; ``model`` (one
     with ``jpeft_dims()``, or its :class:`jpeft.hooks.ModelDims`) checks that they fit it.
     """
-    from jpeft import hooks
-
     _, described, _, tensors = read_adapter_files(directory, ADAPTER_CONFIG, ADAPTER_WEIGHTS)
     added = {p: d for p, d in described.items() if p.startswith(f"{hooks.KEY}/")}
     described = {p: d for p, d in described.items() if p not in added}
@@ -267,15 +267,15 @@ def load_adapter(directory: str | os.PathLike, params: PyTree, model: Any = None
     if clash:
         raise ValueError(f"adapter {clash} is already in the parameters")
     hook_nodes = {p.split("/", 1)[1]: _hook_node(p, d, tensors, model, params) for p, d in added.items()}
-    leaves = dict(core.leaves_with_paths(params))
+    leaves = dict(leaves_with_paths(params))
 
     def node_for(path: str, base) -> Node:
         d = described[path]
         kernel_shape = d.get("kernel_shape", d["shape"])
         if list(base.shape) != kernel_shape:
             raise ValueError(f"adapter target {path!r} has shape {kernel_shape} but the model's leaf is {list(base.shape)}")
-        spec = core.get_method(d["method"])
-        config = core.make_config(d["method"], **d["hparams"])
+        spec = get_method(d["method"])
+        config = make_config(d["method"], **d["hparams"])
         layout, dtype = d.get("layout", "io"), np.dtype(base.dtype)
         depth = len(layout) - len(layout.lstrip("s"))
         saved = lambda kind: {k.rsplit("::", 1)[1]: jnp.asarray(v) for k, v in tensors.items() if k.startswith(f"{path}::{kind}::")}
@@ -298,10 +298,10 @@ def load_adapter(directory: str | os.PathLike, params: PyTree, model: Any = None
         raise ValueError(f"adapter targets {missing[:10]} are not in the model; its kernels include {list(leaves)[:10]}")
 
     def convert(path, leaf):
-        p = core.path_str(path)
+        p = path_str(path)
         return node_for(p, leaf) if p in described else leaf
 
-    loaded = jax.tree_util.tree_map_with_path(convert, params, is_leaf=core.is_leaf)
+    loaded = jax.tree_util.tree_map_with_path(convert, params, is_leaf=is_leaf)
     if hook_nodes:
         loaded = {**loaded, hooks.KEY: {**hooks.split(loaded)[1], **hook_nodes}}
     return loaded

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from jpeft import data, quant, train
 from jpeft.methods import BUILTIN
+from jpeft.methods.registry import get_method
 from jpeft import models
 from jpeft.models import download, layers, llama, phi
 
@@ -140,7 +141,7 @@ def quick_demo(method: str, steps: int, run_dir: str) -> None:
           "(tiny random-weight Phi, locally trained tokenizer):")
     cfg = pipeline.RunConfig(
         model="tiny", method=method, tasks=pipeline.parse_tasks(["all"]),
-        targets=None if core.get_method(method).scope == "model" else (r".*/kernel",),
+        targets=None if get_method(method).scope == "model" else (r".*/kernel",),
         train=train.TrainConfig(learning_rate=3e-3, warmup_steps=20, batch_size=8, max_length=160, compute_dtype="float32"),
     )
     summary = pipeline.finetune(cfg, run_dir, max_steps=steps, log_every=max(1, steps // 10), checkpoint_every=steps)

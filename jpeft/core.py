@@ -4,248 +4,34 @@
 matches a target pattern by a :class:`jpeft.node.Node` of the chosen method; every other
 leaf is untouched. All functions here are pure and compose with ``jit``, ``grad``,
 ``vmap`` and ``jax.eval_shape``.
+
+What they build on sits below this module: paths and targets in :mod:`jpeft.tree`, kernel
+layouts in :mod:`jpeft.layout`, the method registry in :mod:`jpeft.methods.registry`,
+quantized kernels in :mod:`jpeft.quantized`, the hook protocol in :mod:`jpeft.hooks`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-import re
 from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft.methods import BUILTIN, Method
-from jpeft.methods.base import SHARED_KEY
-from jpeft.node import Node, Quantized, is_leaf, is_node, is_quantized, quantize_kernel
+from jpeft import hooks
+from jpeft.layout import from_matrix, layer_meta, matrix_shape, per_layer, resolve_layout, stack_depth, to_matrix
+from jpeft.methods.base import SHARED_KEY, Method
+from jpeft.methods.registry import QUANTIZED, get_method, make_config, methods
+from jpeft.node import Node, Quantized, is_leaf, is_node, is_quantized
+from jpeft.quantized import dequantized, holds_quantized, plain_kernel, quantized_like
+from jpeft.tree import leaves_with_paths, match_targets, path_str
 
 Array = jax.Array
 PyTree = Any
 
-#: Registry of methods by name; extend it with :func:`register`.
-methods: dict[str, Method] = dict(BUILTIN)
-
-#: The Q/K/V projection kernels of :mod:`jpeft.models.phi` and :mod:`jpeft.models.llama` (and of any model that names
-#: its attention projections ``q_proj``/``k_proj``/``v_proj``).
-DEFAULT_TARGETS = r"(.*/)?(q_proj|k_proj|v_proj)/kernel"
-
 PATHS = ("auto", "factored", "materialized")
-
-
-def register(name: str, method: Method, *, overwrite: bool = False) -> None:
-    """Add a user-defined :class:`Method` to :data:`methods` under ``name``."""
-    if not isinstance(method, Method):
-        raise TypeError(f"register({name!r}, ...) expects a jpeft.Method, got {type(method).__name__}")
-    if name in methods and not overwrite:
-        raise ValueError(f"a method named {name!r} is already registered (pass overwrite=True to replace it)")
-    methods[name] = method
-
-
-@dataclasses.dataclass(frozen=True)
-class _NoConfig:
-    def check(self, shape: tuple[int, int]) -> None:
-        pass
-
-
-#: the method name of a quantized kernel that no method adapts, as :func:`quantized_node`
-#: wraps it for ``jpeft.wrap``; not in the registry (nothing to train, not a PEFT method)
-QUANTIZED = "quantized"
-_QUANTIZED_METHOD = Method(
-    _NoConfig,
-    init=lambda key, kernel, config: ({}, {"kernel": kernel}),
-    materialize=lambda node: node.frozen["kernel"].astype(jnp.float32),
-    factored=lambda x, node, dropout_key=None: x @ node.frozen["kernel"].astype(x.dtype),
-    flops=lambda node, tokens: (0.0, 0.0),
-)
-
-
-def get_method(name: str) -> Method:
-    if name == QUANTIZED:
-        return _QUANTIZED_METHOD
-    if name not in methods:
-        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(methods))}")
-    return methods[name]
-
-
-def make_config(method: str, **hparams) -> Any:
-    """The validated config dataclass of ``method`` (TypeError on an unknown hyper-parameter)."""
-    cls = get_method(method).config
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(hparams) - set(known))
-    if unknown:
-        raise TypeError(f"method {method!r} got unknown hyper-parameter(s) {unknown}; valid: {known}")
-    # NumPy scalars (np.int64(4), np.float32(16)) become the Python values configs hold and hash
-    return cls(**{k: v.item() if isinstance(v, np.generic) else v for k, v in hparams.items()})
-
-
-def _key_name(entry) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
-def path_str(path) -> str:
-    """'/'-joined string of a pytree key path (dict keys, attribute names, indices).
-
-    The trailing ``.value`` of an NNX ``Variable`` is dropped, so ``layers/0/kernel``
-    names the same kernel in NNX state as in linen params.
-    """
-    path = tuple(path)
-    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
-        path = path[:-1]
-    return "/".join(_key_name(e) for e in path)
-
-
-def leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
-    """``(path, leaf)`` pairs, nodes and quantized kernels counted as leaves."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-    return [(path_str(p), leaf) for p, leaf in flat]
-
-
-def _patterns(targets: str | Iterable[str] | None) -> list[str]:
-    if targets is None:
-        return [DEFAULT_TARGETS]
-    if isinstance(targets, str):
-        return [targets]
-    patterns = list(targets)
-    if not patterns or not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"targets must be a regex or a non-empty list of regexes, got {targets!r}")
-    return patterns
-
-
-def _is_kernel(leaf) -> bool:
-    return hasattr(leaf, "shape") and len(leaf.shape) >= 2
-
-
-def match_targets(params: PyTree, targets: str | Iterable[str] | None = None) -> list[str]:
-    """Paths of the leaves of ``params`` that fully match one of the ``targets`` regexes.
-
-    Raises ValueError for a pattern that matches nothing (listing the kernel paths that
-    exist) or an already adapted kernel (a node), and TypeError for a matched leaf that
-    is not a floating-point array (naming its path, shape and dtype).
-    """
-    leaves = leaves_with_paths(params)
-    chosen: list[str] = []
-    for pattern in _patterns(targets):
-        try:
-            regex = re.compile(pattern)
-        except re.error as e:
-            raise ValueError(f"target {pattern!r} is not a valid regex: {e}") from None
-        adapted = [f"{p} ({leaf.method})" for p, leaf in leaves if is_node(leaf) and regex.fullmatch(p)]
-        if adapted:
-            raise ValueError(
-                f"target {pattern!r} matches kernels that are already adapted: {adapted[:10]}"
-                f"{' ...' if len(adapted) > 10 else ''}. Adapt the original parameters, or "
-                "jpeft.materialize the tree first to adapt the merged weights."
-            )
-        hits = [p for p, leaf in leaves if regex.fullmatch(p)]
-        if not hits:
-            kernels = [p for p, leaf in leaves if not is_node(leaf) and _is_kernel(leaf)]
-            raise ValueError(
-                f"target {pattern!r} matches no parameter (patterns must match the whole path). "
-                f"Kernel paths: {kernels[:50]}{' ...' if len(kernels) > 50 else ''}"
-            )
-        chosen += [p for p in hits if p not in chosen]
-    by_path = dict(leaves)
-    for p in chosen:
-        leaf = by_path[p]
-        if not hasattr(leaf, "dtype") or not jnp.issubdtype(leaf.dtype, jnp.floating):
-            raise TypeError(
-                f"target {p!r} has dtype {getattr(leaf, 'dtype', type(leaf).__name__)} and shape "
-                f"{tuple(getattr(leaf, 'shape', ()))}; only floating-point arrays can be adapted"
-            )
-    return chosen
-
-
-# --- kernel layouts -------------------------------------------------------------------
-
-LAYOUT_HELP = (
-    "one letter per kernel axis: 'i' input, 'o' output, 's' a leading stacked axis; e.g. 'io' for "
-    "Dense (in, out), 'ioo' for DenseGeneral/attention q/k/v (in, heads, head_dim), 'iio' for the "
-    "attention output (heads, head_dim, out), 'sio' for Dense layers stacked by nn.scan (L, in, out)"
-)
-
-
-def check_layout(path: str, shape: tuple[int, ...], layout: str) -> None:
-    """Raise ValueError unless ``layout`` describes a kernel of ``shape``."""
-    stacked = stack_depth(layout) if isinstance(layout, str) else 0
-    problem = None
-    if not isinstance(layout, str) or set(layout) - set("ios"):
-        problem = "it may only use the letters i, o and s"
-    elif len(layout) != len(shape):
-        problem = f"it has {len(layout)} letters for {len(shape)} axes"
-    elif "s" in layout[stacked:]:
-        problem = "stacked axes 's' must come first"
-    elif "i" not in layout or "o" not in layout:
-        problem = "it needs at least one 'i' and one 'o' axis"
-    if problem:
-        raise ValueError(f"layout {layout!r} does not fit {path!r} of shape {tuple(shape)}: {problem}. Layout: {LAYOUT_HELP}")
-
-
-def resolve_layout(path: str, shape: tuple[int, ...], layout: str | dict[str, str] | None) -> str:
-    """The layout of target ``path``: ``layout`` itself, or the value of the first pattern of
-    a ``{regex: layout}`` dict that fully matches ``path``; 2-D kernels default to ``"io"``."""
-    chosen = layout
-    if isinstance(layout, dict):
-        chosen = next((v for pattern, v in layout.items() if re.fullmatch(pattern, path)), None)
-    elif layout is not None and not isinstance(layout, str):
-        raise TypeError(f"layout must be a string or a dict from target regex to string, got {layout!r}")
-    if chosen is None:
-        if len(shape) != 2:
-            raise ValueError(
-                f"target {path!r} has shape {tuple(shape)}: a kernel that is not 2-D needs a layout "
-                f"(apply(..., layout='ioo') or layout={{pattern: layout}}). Layout: {LAYOUT_HELP}"
-            )
-        chosen = "io"
-    check_layout(path, shape, chosen)
-    return chosen
-
-
-def matrix_shape(kernel_shape: tuple[int, ...], layout: str) -> tuple[int, int]:
-    """``(in, out)`` of one layer: the products of the ``i`` and the ``o`` axis sizes."""
-    n = math.prod(d for d, c in zip(kernel_shape, layout) if c == "i")
-    m = math.prod(d for d, c in zip(kernel_shape, layout) if c == "o")
-    return n, m
-
-
-def _io_order(layout: str) -> list[int]:
-    return [a for a, c in enumerate(layout) if c == "i"] + [a for a, c in enumerate(layout) if c == "o"]
-
-
-def to_matrix(kernel: Array, layout: str) -> Array:
-    """One layer's kernel (layout without ``s``) as its (in, out) matrix; free when the
-    ``i`` axes precede the ``o`` axes (a reshape), a transpose otherwise."""
-    if layout in ("io", ""):
-        return kernel
-    n, m = matrix_shape(kernel.shape, layout)
-    order = _io_order(layout)
-    if order != sorted(order):
-        kernel = jnp.transpose(kernel, order)
-    return kernel.reshape(n, m)
-
-
-def from_matrix(w: Array, layout: str, kernel_shape: tuple[int, ...]) -> Array:
-    """Inverse of :func:`to_matrix`: an (in, out) matrix in the kernel's own layout."""
-    if layout == "io" or not layout:
-        return w
-    order = _io_order(layout)
-    w = w.reshape([kernel_shape[a] for a in order])
-    return w if order == sorted(order) else jnp.transpose(w, np.argsort(order))
-
-
-def stack_depth(layout: str) -> int:
-    """The number of leading stacked (``s``) axes of a layout."""
-    return len(layout) - len(layout.lstrip("s"))
-
-
-def layer_meta(node: Node, depth: int = 1) -> Node:
-    """``node`` with its first ``depth`` stacked axes removed from its static description
-    (for the slices a scan or vmap over the stack sees)."""
-    return node.replace(layout=node.layout[depth:], kernel_shape=node.kernel_shape[depth:])
 
 
 @functools.lru_cache(maxsize=None)
@@ -346,39 +132,6 @@ def full_node(leaf: Array) -> Node:
                 layout="", kernel_shape=tuple(leaf.shape))
 
 
-def per_layer(fn, kernel: Array, layout: str):
-    """``fn(index, matrix)`` for every layer of ``kernel`` (one call if it is not stacked),
-    its results (pytrees of arrays) stacked back along the leading stacked axes. Layers
-    run one by one: a ``vmap`` would batch the LAPACK calls of SVD-based inits, which can
-    deadlock on CPU."""
-    depth = stack_depth(layout)
-    stack = tuple(kernel.shape[:depth])
-    results = [fn(i, to_matrix(kernel[index], layout[depth:])) for i, index in enumerate(np.ndindex(*stack))]
-    if not depth:
-        return results[0]
-    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs).reshape(stack + xs[0].shape), *results)
-
-
-def requantize(like: Quantized, array: Array) -> Quantized:
-    """``array`` (of ``like``'s shape and dtype) quantized as ``like`` is."""
-    return quantize_kernel(jnp.asarray(array, like.dtype), like.kind, block_size=like.block_size,
-                           double_quant=like.double_quant, stack=len(like.stack_shape))
-
-
-def plain_kernel(kernel: Array | Quantized) -> Array:
-    """The kernel as an array (a quantized one dequantized)."""
-    return kernel.dequantize() if is_quantized(kernel) else kernel
-
-
-def quantized_like(kernel: Array | Quantized, frozen: dict) -> dict:
-    """A method's frozen arrays for ``kernel``: over a quantized base, the ``residual`` (the
-    part of the base an init moved nowhere, PiSSA's/OLoRA's) is quantized like it, as QPiSSA
-    does; the other frozen arrays (singular vectors, indices) stay as they are."""
-    if not is_quantized(kernel) or "residual" not in frozen:
-        return frozen
-    return {**frozen, "residual": requantize(kernel, frozen["residual"])}
-
-
 def quantized_node(kernel: Quantized) -> Node:
     """A quantized kernel no method adapts as a node with nothing to train (``jpeft.wrap``
     runs it through :func:`linear` like an adapted one): 2-D layers as (in, out), layers of
@@ -386,20 +139,8 @@ def quantized_node(kernel: Quantized) -> Node:
     layer = tuple(kernel.layer_shape)
     depth = len(kernel.stack_shape)
     layout = "s" * depth + "io" if len(layer) == 2 else ""
-    return Node(QUANTIZED, _NoConfig(), layer if layout else tuple(kernel.shape), np.dtype(kernel.dtype), {},
+    return Node(QUANTIZED, get_method(QUANTIZED).config(), layer if layout else tuple(kernel.shape), np.dtype(kernel.dtype), {},
                 {"kernel": kernel}, layout=layout, kernel_shape=tuple(kernel.shape))
-
-
-def holds_quantized(node: Node) -> bool:
-    """Whether ``node`` has a quantized frozen array (a QLoRA base)."""
-    return any(is_quantized(v) for v in node.frozen.values())
-
-
-def dequantized(node: Node) -> Node:
-    """``node`` with its quantized frozen arrays (a QLoRA base) dequantized."""
-    if not holds_quantized(node):
-        return node
-    return node.replace(frozen={k: v.dequantize() if is_quantized(v) else v for k, v in node.frozen.items()})
 
 
 def _init_node(spec: Method, method: str, config, key: Array, kernel: Array, layout: str, shared: Any = None) -> Node:
@@ -428,8 +169,6 @@ def _init_node(spec: Method, method: str, config, key: Array, kernel: Array, lay
 def _apply_model_scope(params: PyTree, method: str, spec: Method, config, key: Array, model: Any, targets, layout,
                        also_train) -> PyTree:
     """``apply`` of a method that adds computation: its node under ``params["jpeft"][method]``."""
-    from jpeft import hooks
-
     if model is None:
         raise ValueError(f"{method} adds computation at the model's hook points: pass model= (a model implementing "
                          "the hook protocol, such as jpeft.models.phi's PhiForCausalLM, or its jpeft.hooks.ModelDims)")
@@ -479,7 +218,7 @@ def apply(params: PyTree, method: str, *, key: Array, targets: str | Iterable[st
     Args:
       params: a Flax parameter pytree: linen ``params`` or NNX state from ``nnx.split``
         (kernels compute ``y = x @ K``).
-      method: a name in :data:`methods` (``lora``, ``dora``, ``lokr``, ``oft``, ``boft``,
+      method: a name in :data:`jpeft.methods` (``lora``, ``dora``, ``lokr``, ``oft``, ``boft``,
         ``shoft``, ``rhoft``, ``hra``, ``vera``, ``dylora``, ``bitfit``, ``full`` or a
         registered one).
       key: a ``jax.random`` key; target ``i`` (in tree order) uses ``fold_in(key, i)``, and
@@ -487,7 +226,7 @@ def apply(params: PyTree, method: str, *, key: Array, targets: str | Iterable[st
         share (:attr:`Method.shared`: VeRA's projections) is drawn once from
         ``fold_in(key, 2**32 - 1)``.
       targets: a regex or a list of regexes matched against whole '/'-joined paths;
-        ``None`` selects the Q/K/V projections (:data:`DEFAULT_TARGETS`).
+        ``None`` selects the Q/K/V projections (:data:`jpeft.tree.DEFAULT_TARGETS`).
       layout: how a kernel's axes form the matrix its layer computes, one letter per axis
         (``i`` input, ``o`` output, ``s`` leading stacked axis): a string for every
         target or a dict from regex to string; 2-D kernels default to ``"io"``. Attention

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jpeft import data, sharding, train
+from jpeft import data, hooks as jhooks, sharding, train
 
 PyTree = Any
 
@@ -41,7 +41,6 @@ def make_cached_score_fn(model) -> Callable:
     batch: the prompt runs once into a key/value cache, and each choice's continuation runs
     from that cache (``start=False``), so an example costs about one forward of its prompt
     instead of one per choice. The sums equal :func:`make_score_fn`'s (tested)."""
-    from jpeft import hooks as jhooks
     from jpeft.models import layers
 
     def score(params, batch):

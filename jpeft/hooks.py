@@ -45,6 +45,7 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jpeft.methods.registry import get_method
 from jpeft.node import Node, is_node
 
 Array = jax.Array
@@ -129,8 +130,6 @@ def split(params: PyTree) -> tuple[PyTree, dict[str, Node]]:
 
 
 def _spec(node: Node):
-    from jpeft.core import get_method
-
     return get_method(node.method).hooks
 
 

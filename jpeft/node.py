@@ -14,6 +14,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jpeft import quant
+
 Array = jax.Array
 
 
@@ -123,8 +125,6 @@ class Quantized:
     def dequantize(self) -> Array:
         """The kernel as an array of ``shape`` and ``dtype`` (jit-able; under ``jit`` XLA
         computes it where it is used and keeps no copy)."""
-        from jpeft import quant
-
         layer = lambda parts: quant.dequantize_blocks(parts, self.kind, self.layer_shape, self.dtype, self.block_size)
         for _ in self.stack_shape:
             layer = jax.vmap(layer)
@@ -142,8 +142,6 @@ def quantize_kernel(kernel: Array, kind: str = "nf4", *, block_size: int = 64, d
                     stack: int = 0) -> Quantized:
     """One kernel quantized (:func:`jpeft.quant.quantize_blocks`), each layer of its ``stack``
     leading (stacked) axes on its own. Unchecked: :func:`jpeft.quantize` validates."""
-    from jpeft import quant
-
     layer = lambda x: quant.quantize_blocks(x, kind, block_size, double_quant)
     for _ in range(stack):
         layer = jax.vmap(layer)

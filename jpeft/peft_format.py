@@ -33,7 +33,10 @@ from safetensors.numpy import save_file
 
 from jpeft import checkpoint, core
 from jpeft.methods import lora
-from jpeft.node import Node
+from jpeft.methods.registry import make_config
+from jpeft.node import Node, is_node
+from jpeft.quantized import plain_kernel
+from jpeft.tree import leaves_with_paths, path_str
 
 PyTree = Any
 Names = Callable[[str], str] | Mapping[str, str] | None
@@ -250,7 +253,7 @@ def check(adapted: PyTree, *, base: PyTree | None = None) -> None:
 
 
 def _exportable_nodes(adapted: PyTree, base: PyTree | None) -> dict[str, Node]:
-    nodes = {p: x for p, x in core.leaves_with_paths(adapted) if core.is_node(x)}
+    nodes = {p: x for p, x in leaves_with_paths(adapted) if is_node(x)}
     if not nodes:
         raise ValueError("the tree holds no jpeft node to export")
     methods = sorted({n.method for n in nodes.values()})
@@ -284,7 +287,7 @@ def _check_oft(path: str, config) -> None:
 def _check_ia3_biases(tree: PyTree, nodes: dict) -> None:
     """PEFT's output-side (IA)³ scales the layer's bias too, jpeft's only ``x K``: the two
     agree only on layers without a bias, so others are refused rather than changed."""
-    leaves = dict(core.leaves_with_paths(tree))
+    leaves = dict(leaves_with_paths(tree))
     biased = [p for p, n in nodes.items() if n.method == "ia3" and not n.config.feedforward
               and p.rsplit("/", 1)[0] + "/bias" in leaves]
     if biased:
@@ -295,13 +298,13 @@ def _check_ia3_biases(tree: PyTree, nodes: dict) -> None:
 def _initial_factors(nodes: dict[str, Node], base: PyTree) -> dict[str, dict]:
     """PiSSA's/OLoRA's initial ``a₀``, ``b₀`` of each node, recomputed from ``base`` (the
     split is deterministic), after checking that ``base`` is the weight they were split from."""
-    kernels = dict(core.leaves_with_paths(base))
+    kernels = dict(leaves_with_paths(base))
     out = {}
     for p, node in nodes.items():
         kernel = kernels.get(p)
-        if kernel is None or core.is_node(kernel) or tuple(kernel.shape) != node.shape:
+        if kernel is None or is_node(kernel) or tuple(kernel.shape) != node.shape:
             raise ValueError(f"base: no {node.shape} kernel at {p!r} to recompute the initial PiSSA/OLoRA factors from")
-        initial, frozen = lora.residual_split(jnp.asarray(core.plain_kernel(kernel)), node.config)
+        initial, frozen = lora.residual_split(jnp.asarray(plain_kernel(kernel)), node.config)
         check = lora.BASE_CHECK[node.config.init]
         if not np.allclose(np.asarray(frozen[check], np.float32), np.asarray(node.frozen[check], np.float32),
                            rtol=1e-6, atol=0):
@@ -365,8 +368,8 @@ def save(adapted: PyTree, directory: str | os.PathLike, *, names: Names = None,
             tensors[a] = np.concatenate([tensors[a], initial["a"].T], axis=0)
             tensors[b] = np.concatenate([tensors[b], -initial["b"].T], axis=1)
         fields.update(r=2 * config.r, lora_alpha=config.alpha * (2**0.5 if config.rslora else 2), init_lora_weights=True)
-    every_module = [m for p, x in core.leaves_with_paths(adapted)
-                    if (core.is_node(x) or (p.endswith("kernel") and np.ndim(x) == 2)) and (m := name(p))]
+    every_module = [m for p, x in leaves_with_paths(adapted)
+                    if (is_node(x) or (p.endswith("kernel") and np.ndim(x) == 2)) and (m := name(p))]
     targets = _target_modules(sorted(modules.values()), every_module)
     record = {"task_type": None, "base_model_name_or_path": base_model_name_or_path, "target_modules": targets,
               "bias": "none", "modules_to_save": None, "inference_mode": True, **fields}
@@ -394,7 +397,7 @@ def load(params: PyTree, directory: str | os.PathLike, *, names: Names = None) -
     config_path, config, weights_path, tensors = checkpoint.read_adapter_files(directory, ADAPTER_CONFIG, ADAPTER_WEIGHTS)
     _refuse_on(config_path, config, {**_UNSUPPORTED, **({} if config.get("peft_type") == "ADALORA" else {"rank_pattern": {}})})
     name = _namer(names)
-    by_module = {m: p for p, x in core.leaves_with_paths(params) if p.endswith("kernel") and (m := name(p))}
+    by_module = {m: p for p, x in leaves_with_paths(params) if p.endswith("kernel") and (m := name(p))}
     # "<module>.lora_A.weight", "<module>.hra_u": the module is what precedes the array's own name
     modules = sorted({k[len(PREFIX):].removesuffix(".weight").rsplit(".", 1)[0] for k in tensors if k.startswith(PREFIX)})
     unknown = [m for m in modules if m not in by_module]
@@ -404,20 +407,20 @@ def load(params: PyTree, directory: str | os.PathLike, *, names: Names = None) -
     _check_targets(config_path, weights_path, config, modules, by_module)
     method, hparams = _hparams(config_path, config, modules)
     try:
-        core.make_config(method, **hparams)
+        make_config(method, **hparams)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{config_path}: {e}") from None
     adapted = core.apply(params, method, key=jax.random.key(0), targets=[re.escape(by_module[m]) for m in modules],
                          **hparams)
-    nodes = {p: x for p, x in core.leaves_with_paths(adapted) if core.is_node(x)}
+    nodes = {p: x for p, x in leaves_with_paths(adapted) if is_node(x)}
     _check_ia3_biases(adapted, nodes)
     used = set()
     frozen = _vera_frozen(weights_path, tensors, nodes, used) if method == "vera" else {}
     masks = _rank_masks(config_path, config, hparams.get("r")) if method == "adalora" else {}
 
     def take(path, leaf):
-        p = core.path_str(path)
-        if not core.is_node(leaf):
+        p = path_str(path)
+        if not is_node(leaf):
             return leaf
         module = name(p)
         trainable = {}
@@ -443,7 +446,7 @@ def load(params: PyTree, directory: str | os.PathLike, *, names: Names = None) -
             trainable[t.name] = jnp.asarray(x)
         return leaf.replace(trainable=trainable, frozen={**leaf.frozen, **frozen.get(p, {})})
 
-    adapted = jax.tree_util.tree_map_with_path(take, adapted, is_leaf=core.is_node)
+    adapted = jax.tree_util.tree_map_with_path(take, adapted, is_leaf=is_node)
     unexpected = sorted(set(tensors) - used)
     if unexpected:
         raise ValueError(f"{weights_path}: unexpected tensors {unexpected[:5]} ({len(unexpected)}) that a "

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from jpeft import checkpoint, core, data, eval as evaluation, peft_format, sharding, train
+from jpeft import checkpoint, core, data, eval as evaluation, peft_format, quantized, sharding, train
 from jpeft import models
 from jpeft.models import layers, llama
 
@@ -55,8 +55,6 @@ def load_model(name_or_path: str, dtype, param_dtype=None, seed: int = 0, quanti
     configuration (random weights), a ``.gguf`` file, a Phi / Llama / Mistral / Qwen2 checkpoint
     directory or a hub id; its kernels quantized (:func:`jpeft.quantize`'s default targets)
     with ``quantize``."""
-    from jpeft import quantized
-
     if llama.reads_gguf(name_or_path):
         model, params = llama.from_pretrained(name_or_path, dtype=dtype, param_dtype=param_dtype, quantize=quantize)
         return model, params, llama.hf_config(name_or_path)

@@ -23,9 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import core, quant
-from jpeft.node import quantize_kernel, is_leaf, is_node, is_quantized
+from jpeft import quant
+from jpeft.layout import resolve_layout, stack_depth
+from jpeft.node import Node, Quantized, quantize_kernel, is_leaf, is_node, is_quantized
+from jpeft.tree import leaves_with_paths, match_targets, path_str, patterns
 
+Array = jax.Array
 PyTree = Any
 
 #: every kernel but the output head (embeddings are ``embedding`` leaves, not kernels)
@@ -46,13 +49,13 @@ def _adapted(path: str, node) -> ValueError:
 
 
 def _targets(params: PyTree, targets: str | Iterable[str] | None) -> list[str]:
-    leaves = core.leaves_with_paths(params)
+    leaves = leaves_with_paths(params)
     if targets is not None:
-        patterns = core._patterns(targets)
+        regexes = patterns(targets)
         for p, x in leaves:  # before match_targets, whose message for nodes is about adapting
-            if is_node(x) and any(re.fullmatch(t, p) for t in patterns):
+            if is_node(x) and any(re.fullmatch(t, p) for t in regexes):
                 raise _adapted(p, x)
-        return core.match_targets(params, targets)
+        return match_targets(params, targets)
     # by default 2-D kernels only: others need a layout to say which axes are stacked layers
     return [p for p, x in leaves if re.fullmatch(DEFAULT_TARGETS, p) and (is_leaf(x) or np.ndim(x) == 2)]
 
@@ -65,7 +68,7 @@ def checked_targets(params: PyTree, kind: str, targets, block_size: int, double_
     chosen = _targets(params, targets)
     if not chosen:
         raise ValueError("quantize: no kernel to quantize (default targets: every 2-D kernel but lm_head); pass targets=")
-    leaves = dict(core.leaves_with_paths(params))
+    leaves = dict(leaves_with_paths(params))
     stacks = {}
     for p in chosen:
         leaf = leaves[p]
@@ -75,8 +78,8 @@ def checked_targets(params: PyTree, kind: str, targets, block_size: int, double_
             raise ValueError(f"quantize: {p!r} is already quantized ({leaf.kind}, block {leaf.block_size})")
         if not jnp.issubdtype(leaf.dtype, jnp.floating):
             raise TypeError(f"quantize: {p!r} has dtype {leaf.dtype}; only floating-point kernels are quantized")
-        lay = core.resolve_layout(p, tuple(leaf.shape), layout)
-        stacks[p] = core.stack_depth(lay)
+        lay = resolve_layout(p, tuple(leaf.shape), layout)
+        stacks[p] = stack_depth(lay)
         layer_size = int(np.prod(leaf.shape[stacks[p]:]))
         if layer_size % block_size:
             raise ValueError(f"quantize: block_size={block_size} does not divide the {layer_size} elements of {p!r} "
@@ -115,7 +118,7 @@ def quantize(params: PyTree, kind: str = "nf4", *, targets: str | Iterable[str] 
     stacks = checked_targets(params, kind, targets, block_size, double_quant, layout)
 
     def convert(path, leaf):
-        p = core.path_str(path)
+        p = path_str(path)
         if p not in stacks:
             return leaf
         return quantize_kernel(leaf, kind, block_size=block_size, double_quant=double_quant, stack=stacks[p])
@@ -128,6 +131,40 @@ def dequantize(tree: PyTree) -> PyTree:
     def plain(x):
         if is_quantized(x):
             return x.dequantize()
-        return core.dequantized(x) if is_node(x) else x
+        return dequantized(x) if is_node(x) else x
 
     return jax.tree_util.tree_map(plain, tree, is_leaf=is_leaf)
+
+
+# --- quantized kernels inside nodes (a QLoRA base) -------------------------------------
+
+def requantize(like: Quantized, array: Array) -> Quantized:
+    """``array`` (of ``like``'s shape and dtype) quantized as ``like`` is."""
+    return quantize_kernel(jnp.asarray(array, like.dtype), like.kind, block_size=like.block_size,
+                           double_quant=like.double_quant, stack=len(like.stack_shape))
+
+
+def plain_kernel(kernel: Array | Quantized) -> Array:
+    """The kernel as an array (a quantized one dequantized)."""
+    return kernel.dequantize() if is_quantized(kernel) else kernel
+
+
+def quantized_like(kernel: Array | Quantized, frozen: dict) -> dict:
+    """A method's frozen arrays for ``kernel``: over a quantized base, the ``residual`` (the
+    part of the base an init moved nowhere, PiSSA's/OLoRA's) is quantized like it, as QPiSSA
+    does; the other frozen arrays (singular vectors, indices) stay as they are."""
+    if not is_quantized(kernel) or "residual" not in frozen:
+        return frozen
+    return {**frozen, "residual": requantize(kernel, frozen["residual"])}
+
+
+def holds_quantized(node: Node) -> bool:
+    """Whether ``node`` has a quantized frozen array (a QLoRA base)."""
+    return any(is_quantized(v) for v in node.frozen.values())
+
+
+def dequantized(node: Node) -> Node:
+    """``node`` with its quantized frozen arrays (a QLoRA base) dequantized."""
+    if not holds_quantized(node):
+        return node
+    return node.replace(frozen={k: v.dequantize() if is_quantized(v) else v for k, v in node.frozen.items()})

@@ -7,7 +7,9 @@ from typing import Any, Iterable
 
 import jax
 
-from jpeft import core
+from jpeft import core, quantized
+from jpeft.methods.registry import make_config
+from jpeft.node import is_quantized
 
 PyTree = Any
 
@@ -36,8 +38,6 @@ def count_table(
     rows = [{"method": "full fine-tuning", "hparams": "", "trainable": base_total, "frozen": 0, "total": base_total,
              "frozen_bytes": 0}]
     if quantize is not None:
-        from jpeft import quantized
-
         abstract_params = jax.eval_shape(lambda p: quantized.quantize(p, quantize), abstract_params)
     for method in methods:
         hp = hparams.get(method, {})
@@ -46,7 +46,7 @@ def count_table(
                                                        **core.targets_for(method, targets, model), **hp), abstract_params
         )
         counts = core.count_params(adapted)
-        config = core.make_config(method, **hp)
+        config = make_config(method, **hp)
         rows.append(
             {
                 "method": method,
@@ -84,9 +84,6 @@ def quantized_memory(abstract_params: PyTree, quantize: str) -> dict:
     """Bytes of the base quantized with ``quantize`` (shapes only): ``quantized_params`` /
     ``quantized_bytes`` (codes and scales) and ``other_params`` / ``other_bytes`` (the
     leaves left as they are: embeddings, norms, biases, the output head)."""
-    from jpeft import quantized
-    from jpeft.node import is_quantized
-
     tree = jax.eval_shape(lambda p: quantized.quantize(p, quantize), abstract_params)
     leaves = jax.tree_util.tree_leaves(tree, is_leaf=is_quantized)
     q = [x for x in leaves if is_quantized(x)]

@@ -38,8 +38,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jpeft.core import path_str
 from jpeft.node import Quantized, is_leaf, is_node
+from jpeft.tree import path_str
 
 PyTree = Any
 

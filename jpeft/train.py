@@ -28,6 +28,8 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from jpeft import checkpoint, core, counter_rng, data, optim, sharding
+from jpeft.methods.registry import get_method
+from jpeft.node import is_node
 
 PyTree = Any
 Array = jax.Array
@@ -145,8 +147,8 @@ def method_hooks(adapted: PyTree) -> dict[str, Any]:
     """``{method name: hooks}`` for the methods of ``adapted``'s nodes that have training
     hooks (:attr:`jpeft.methods.base.Method.training`, :class:`jpeft.methods.base.Training`:
     AdaLoRA's regularizer and rank budget)."""
-    names = sorted({x.method for x in jax.tree_util.tree_leaves(adapted, is_leaf=core.is_node) if core.is_node(x)})
-    hooks = {name: core.get_method(name).training for name in names}
+    names = sorted({x.method for x in jax.tree_util.tree_leaves(adapted, is_leaf=is_node) if is_node(x)})
+    hooks = {name: get_method(name).training for name in names}
     return {name: h for name, h in hooks.items() if h is not None}
 
 

@@ -48,7 +48,9 @@ from jax.extend import core as jcore
 from jax.extend.core import primitives as P
 
 from jpeft import core
-from jpeft.node import Node, is_node, is_quantized
+from jpeft.layout import layer_meta
+from jpeft.methods.registry import QUANTIZED, get_method
+from jpeft.node import Node, is_leaf, is_node, is_quantized
 
 Array = jax.Array
 
@@ -93,8 +95,8 @@ def wrap(fn: Callable, *, dropout_key: Array | None = None) -> Callable:
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=core.is_leaf)
-        added = sorted({x.method for x in leaves if is_node(x) and core.get_method(x.method).scope == "model"})
+        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_leaf)
+        added = sorted({x.method for x in leaves if is_node(x) and get_method(x.method).scope == "model"})
         if added:
             raise ValueError(f"jpeft.wrap runs adapted kernels inside unmodified models; {added} add computation at "
                              "hook points (virtual tokens, key/value prefixes, residual sites), which only a model "
@@ -120,7 +122,7 @@ def wrap(fn: Callable, *, dropout_key: Array | None = None) -> Callable:
         values, count = [], 0
         for i in dynamic:
             x = leaves[i]
-            if is_node(x) and x.method == core.QUANTIZED:
+            if is_node(x) and x.method == QUANTIZED:
                 values.append(_Adapted(x, x.dtype, None))
             elif is_node(x):
                 key = None if dropout_key is None else jax.random.fold_in(dropout_key, count)
@@ -297,7 +299,7 @@ def _flatten_values(values, scan_length: int | None = None):
             flat.append(v)
             continue
         leaves = jax.tree_util.tree_leaves(v.node)
-        meta = v.node if scan_length is None else core.layer_meta(v.node)
+        meta = v.node if scan_length is None else layer_meta(v.node)
         key = v.key if v.key is None or scan_length is None else jax.random.split(v.key, scan_length)
         plan.append((len(leaves), jax.tree_util.tree_structure(meta), v.dtype, key is not None))
         flat += leaves + ([key] if key is not None else [])

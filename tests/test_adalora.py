@@ -358,5 +358,5 @@ def test_cli_train_prunes_ranks_to_the_target_budget(tmp_path, capsys):
     assert [r["adalora_budget"] for r in log] == expected == [48, 36, 29, 25, 24, 24, 24, 24]
     assert [r["adalora_rank"] for r in log] == expected  # every step after tinit masks (deltaT=1)
     assert all(np.isfinite(r["loss"]) and r["regularizer"] > 0 for r in log)
-    restored = jpeft.core.leaves_with_paths(checkpoint.load_adapter(run / "adapter", phi.init(phi.config("tiny"), jax.random.key(0))[1]))
+    restored = jpeft.tree.leaves_with_paths(checkpoint.load_adapter(run / "adapter", phi.init(phi.config("tiny"), jax.random.key(0))[1]))
     assert sum(int(jnp.count_nonzero(x.trainable["e"])) for _, x in restored if jpeft.is_node(x)) == 2 * n

@@ -14,7 +14,7 @@ from conftest import perturb
 
 
 def qkv_paths(tree):
-    return [p for p, leaf in jpeft.core.leaves_with_paths(tree) if jpeft.is_node(leaf)]
+    return [p for p, leaf in jpeft.tree.leaves_with_paths(tree) if jpeft.is_node(leaf)]
 
 
 def test_default_targets_are_qkv(params):

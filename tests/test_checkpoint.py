@@ -176,7 +176,7 @@ def save_in_the_previous_format(directory, adapted):
     frozen array but the kernel, a ``uses_base_kernel`` flag, the saved dtype, no layout."""
     os.makedirs(directory, exist_ok=True)
     tensors, described = {}, {}
-    for path, node in ((p, n) for p, n in jpeft.core.leaves_with_paths(adapted) if jpeft.is_node(n)):
+    for path, node in ((p, n) for p, n in jpeft.tree.leaves_with_paths(adapted) if jpeft.is_node(n)):
         frozen = {k: v for k, v in node.frozen.items() if k not in ("kernel", "sigma0")}  # SHOFT had no sigma0
         tensors |= {f"{path}::trainable::{k}": np.asarray(v, np.float32) for k, v in node.trainable.items()}
         tensors |= {f"{path}::frozen::{k}": np.asarray(v, np.float32) for k, v in frozen.items()}

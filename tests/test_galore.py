@@ -399,7 +399,7 @@ def test_train_optimizer_projects_the_large_matrices_only():
 
     def projected(method, rank, **kw):
         tr = jax.eval_shape(lambda p: jpeft.partition(jpeft.apply(p, method, key=jax.random.key(1), **kw))[0], shapes)
-        return {jpeft.core.path_str(pth): on for pth, on in
+        return {jpeft.tree.path_str(pth): on for pth, on in
                 jax.tree_util.tree_flatten_with_path(optim.projected_leaves(tr, rank))[0]}
 
     full = projected("full", 4, targets=r".*/kernel")

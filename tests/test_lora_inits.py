@@ -11,6 +11,7 @@ import pytest
 import jpeft
 from jpeft import bench, checkpoint
 from jpeft.methods import lora
+from jpeft.methods.registry import make_config
 from conftest import rel_err
 
 U32 = 2.0**-24  # float32 unit roundoff
@@ -160,12 +161,12 @@ def test_validation():
         lora.LoraConfig(rslora="yes")
     # DoRA shares LoRA's config but normalizes K + s·ab, so it keeps the base inits only
     with pytest.raises(ValueError, match=r"init must be one of \('gaussian', 'kaiming'\), got 'pissa'"):
-        jpeft.core.make_config("dora", init="pissa")
-    assert jpeft.core.make_config("dora", rslora=True).scale == 32 / 4
+        make_config("dora", init="pissa")
+    assert make_config("dora", rslora=True).scale == 32 / 4
     with pytest.raises(ValueError, match="feedforward must be True or False, got 1"):
-        jpeft.core.make_config("ia3", feedforward=1)
+        make_config("ia3", feedforward=1)
     with pytest.raises(ValueError, match="r must be a positive integer, got 0"):
-        jpeft.core.make_config("loha", r=0)
+        make_config("loha", r=0)
     with pytest.raises(ValueError, match=r"loha cannot adapt 'k': r=33 exceeds min\(in, out\) = 32"):
         adapt(jnp.zeros((32, 48)), "loha", r=33)
 

@@ -14,7 +14,7 @@ ALL_KERNELS = r".*/kernel"
 
 
 def kernels(tree):
-    return {p: x for p, x in jpeft.core.leaves_with_paths(tree) if p.endswith("kernel")}
+    return {p: x for p, x in jpeft.tree.leaves_with_paths(tree) if p.endswith("kernel")}
 
 
 @pytest.fixture(scope="module")

@@ -112,7 +112,7 @@ def test_adapters_made_by_peft_load_with_the_same_logits(base, tmp_path, method)
         assert widths["base_model.model.model.layers.0.self_attn.k_proj.lora_A"] == (3, 40)
         assert widths["base_model.model.model.layers.1.self_attn.dense.lora_B"] == (40, 1)
     adapted = peft_format.load(params, tmp_path)
-    nodes = [p for p, x in jpeft.core.leaves_with_paths(adapted) if jpeft.is_node(x)]
+    nodes = [p for p, x in jpeft.tree.leaves_with_paths(adapted) if jpeft.is_node(x)]
     assert len(nodes) == 4 and all(p.endswith(("k_proj/kernel", "dense/kernel")) for p in nodes)
     np.testing.assert_allclose(np.asarray(model.apply({"params": adapted}, IDS)), torch_logits(theirs), atol=1e-4, rtol=1e-4)
 

@@ -236,7 +236,7 @@ def test_adapted_logits_equal_materialized(loaded, ids, apply_fn, method):
     _, params = loaded
     adapted = perturb(jpeft.apply(params, method, key=jax.random.key(2), **HPARAMS.get(method, SMALL_HPARAMS[method])),
                       jax.random.key(3), 0.05)
-    nodes = [leaf for _, leaf in jpeft.core.leaves_with_paths(adapted) if jpeft.is_node(leaf)]
+    nodes = [leaf for _, leaf in jpeft.tree.leaves_with_paths(adapted) if jpeft.is_node(leaf)]
     assert len(nodes) == 6  # Q/K/V of both layers
     for node in nodes:  # linear(path="auto") takes the factored path at this token count
         factored_cost, materialized_cost = jpeft.methods[method].flops(node, ids.size)

@@ -31,7 +31,7 @@ def mlp(p, x):
 
 
 def test_quantize_replaces_every_kernel_and_dequantize_inverts_it(params, qparams):
-    leaves = dict(jpeft.core.leaves_with_paths(qparams))
+    leaves = dict(jpeft.tree.leaves_with_paths(qparams))
     kernels = [p for p in leaves if p.endswith("kernel")]
     assert len(kernels) == 12 and all(jpeft.is_quantized(leaves[p]) for p in kernels)
     assert not any(jpeft.is_quantized(x) for p, x in leaves.items() if not p.endswith("kernel"))

@@ -27,7 +27,7 @@ TESTS = Path(__file__).parent
 
 def specs_by_path(tree, **kw):
     specs = sharding.fsdp_specs(tree, MESH, **kw)
-    return {jpeft.core.path_str(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(specs)[0]}
+    return {jpeft.tree.path_str(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(specs)[0]}
 
 
 def test_fsdp_specs_split_large_frozen_arrays_on_their_largest_divisible_axis():

@@ -28,6 +28,7 @@ import numpy as np
 
 from jpeft.methods import base
 from jpeft.node import Node
+from jpeft.tree import leaves_with_paths
 
 INITS = ("random", "text")
 
@@ -64,8 +65,6 @@ def check_virtual_tokens(p: int, dims) -> None:
 
 
 def _embedding_rows(params, dims, ids) -> jax.Array:
-    from jpeft.core import leaves_with_paths
-
     table = dict(leaves_with_paths(params)).get(dims.embedding)
     if table is None:
         raise ValueError(f"init='text' copies rows of the token embedding, but params have no {dims.embedding!r}")

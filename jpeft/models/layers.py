@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jpeft import hooks as jhooks, sharding
+from jpeft import hooks as jhooks, quantized, sharding
 from jpeft.core import linear, resolve_full, uses_dropout
 from jpeft.node import is_node, is_quantized
 
@@ -628,8 +628,6 @@ def load_tensors(model: CausalLM, names: Iterable[str], tensors: Iterable[tuple[
     quantizes each kernel as it is read, so host memory peaks near the quantized model plus
     one tensor.
     """
-    from jpeft import quantized
-
     shapes = layout(model)
     skipped = lambda n: n.endswith(_DERIVED) or (model.spec.tie_embeddings and n == "lm_head.weight")  # noqa: E731
     _compare_names(where, shapes, [n for n in names if not skipped(n)])
