@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import data, eval as evaluation, pipeline
+from jpeft import eval as evaluation, pipeline
 
 
 def main() -> None:
